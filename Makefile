@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each builds the virtualenv it needs.
+PYTHON ?= python3
+VENV ?= .venv
+# torch goes in first, alone: the project's range then keeps it instead of pulling the newest CUDA
+# build (several GB). Override on a GPU machine, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint format demo bench clean help
+
+help:
+	@echo "make demo   - run the end-to-end demo on the embedded default (CPU, local store)"
+	@echo "make test   - run the test suite"
+	@echo "make lint   - ruff check + format check"
+	@echo "make bench  - run the benchmarks in bench/ (writes bench/results/)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# pytest exits 5 when it collected no tests: that must fail, never pass by accident.
+test: venv
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests" >&2; exit 1; fi; exit $$rc
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: venv
+	$(BIN)/lvmae info
+	$(BIN)/python -m lvmae.demo --out demo-out
+
+bench: venv
+	$(BIN)/python bench/fig1_memory.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Corpus -> clip shards -> token store (see issue: lvmae ingest)."""

@@ -1,0 +1,327 @@
+"""Typed configuration for the model library (OmegaConf structured schemas).
+
+Every dataclass here is an OmegaConf structured schema: recipes are YAML files merged onto it and the
+command line adds dotted overrides (`model.encoder.depth=6`). Unknown keys and wrong types are refused by
+OmegaConf while merging; value rules (ranges, divisibility, choices) are checked by `validate(prefix)`,
+which names the offending key in a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ENCODER_MASKINGS = ("tube", "random", "frame")
+DECODER_MASKINGS = ("all", "random", "running_cell", "adaptive")
+TARGETS = ("pixels", "tokens")
+TOKEN_LOSSES = ("softmax", "factorized")
+QUANTIZERS = ("fsq", "lfq")
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote is invalid; the message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(value: str, key: str, choices: Sequence[str]) -> None:
+    _check(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclass
+class VideoSpec:
+    """Clip geometry and the tubelet that cuts it into tokens."""
+
+    num_frames: int = 16
+    img_size: int = 224
+    in_chans: int = 3
+    tubelet_size: int = 2  # frames per token (t)
+    patch_size: int = 16  # pixels per token side (p)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (T', H', W')."""
+        return (
+            self.num_frames // self.tubelet_size,
+            self.img_size // self.patch_size,
+            self.img_size // self.patch_size,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def tubelet_dim(self) -> int:
+        """Values in one tubelet: t * p * p * C."""
+        return self.tubelet_size * self.patch_size * self.patch_size * self.in_chans
+
+    def validate(self, prefix: str = "video") -> None:
+        for name in ("num_frames", "img_size", "in_chans", "tubelet_size", "patch_size"):
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be a positive integer")
+        _check(
+            self.num_frames % self.tubelet_size == 0,
+            f"{prefix}.num_frames",
+            f"{self.num_frames} is not divisible by tubelet_size {self.tubelet_size}",
+        )
+        _check(
+            self.img_size % self.patch_size == 0,
+            f"{prefix}.img_size",
+            f"{self.img_size} is not divisible by patch_size {self.patch_size}",
+        )
+
+
+@dataclass
+class EncoderConfig:
+    """ViT encoder. Fields left at None come from the model preset."""
+
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path: float = 0.0
+    grad_checkpointing: bool = False
+
+    def validate(self, prefix: str) -> None:
+        for name in ("embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            _check(
+                value is not None and value >= 1,
+                f"{prefix}.{name}",
+                f"must be a positive integer; got {value}",
+            )
+        _check(
+            self.embed_dim % self.num_heads == 0,  # type: ignore[operator]
+            f"{prefix}.embed_dim",
+            f"{self.embed_dim} is not divisible by num_heads {self.num_heads}",
+        )
+        _check(self.mlp_ratio > 0, f"{prefix}.mlp_ratio", "must be positive")
+        _check(0.0 <= self.drop_path < 1.0, f"{prefix}.drop_path", "must be in [0, 1)")
+
+
+@dataclass
+class DecoderConfig(EncoderConfig):
+    """ViT decoder (narrower and shallower than the encoder, as in VideoMAE)."""
+
+
+@dataclass
+class MaskingConfig:
+    """Encoder masking (what the encoder sees) and decoder masking (what the decoder rebuilds)."""
+
+    encoder: str = "tube"
+    encoder_ratio: float = 0.9
+    decoder: str = "adaptive"
+    # Fraction of ALL tokens the decoder reconstructs (ignored by `all`, which takes every masked token).
+    decoder_budget: float = 0.15
+    running_cell_size: int = 2
+
+    def validate(self, prefix: str = "masking") -> None:
+        _choice(self.encoder, f"{prefix}.encoder", ENCODER_MASKINGS)
+        _choice(self.decoder, f"{prefix}.decoder", DECODER_MASKINGS)
+        _check(0.0 < self.encoder_ratio < 1.0, f"{prefix}.encoder_ratio", "must be in (0, 1)")
+        _check(0.0 < self.decoder_budget <= 1.0, f"{prefix}.decoder_budget", "must be in (0, 1]")
+        _check(self.running_cell_size >= 2, f"{prefix}.running_cell_size", "must be at least 2")
+
+
+@dataclass
+class TargetConfig:
+    """What the decoder predicts: normalized pixels (VideoMAE) or tokenizer codes (LVMAE)."""
+
+    kind: str = "pixels"
+    norm_pix: bool = True
+    token_loss: str = "factorized"
+    # The tokenizer's FSQ levels; the codebook has prod(levels) entries. Only used for `tokens`.
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.fsq_levels)
+
+    def validate(self, prefix: str = "target") -> None:
+        _choice(self.kind, f"{prefix}.kind", TARGETS)
+        _choice(self.token_loss, f"{prefix}.token_loss", TOKEN_LOSSES)
+        _check(
+            len(self.fsq_levels) >= 1 and all(lv >= 2 for lv in self.fsq_levels),
+            f"{prefix}.fsq_levels",
+            f"needs at least one level, each >= 2; got {list(self.fsq_levels)}",
+        )
+
+
+@dataclass
+class MAEConfig:
+    """A masked video autoencoder: preset sizes, clip geometry, masking and targets."""
+
+    preset: str = "base"
+    video: VideoSpec = field(default_factory=VideoSpec)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+
+    def resolved(self) -> MAEConfig:
+        """A copy with every size the preset decides filled in (explicit values win)."""
+        from lvmae.presets import apply_preset
+
+        return apply_preset(self)
+
+    def validate(self, prefix: str = "model") -> None:
+        from lvmae.presets import MODEL_PRESETS
+
+        _choice(self.preset, f"{prefix}.preset", tuple(MODEL_PRESETS))
+        cfg = self.resolved()
+        cfg.video.validate(f"{prefix}.video")
+        cfg.encoder.validate(f"{prefix}.encoder")
+        cfg.decoder.validate(f"{prefix}.decoder")
+        cfg.masking.validate(f"{prefix}.masking")
+        cfg.target.validate(f"{prefix}.target")
+        n_visible = num_visible(cfg.video.grid, cfg.masking.encoder, cfg.masking.encoder_ratio)
+        _check(
+            0 < n_visible < cfg.video.num_tokens,
+            f"{prefix}.masking.encoder_ratio",
+            f"{cfg.masking.encoder_ratio} leaves {n_visible} of {cfg.video.num_tokens} tokens visible "
+            f"for grid {cfg.video.grid}; the encoder needs at least one visible and one masked token",
+        )
+
+
+def num_visible(grid: tuple[int, int, int], kind: str, ratio: float) -> int:
+    """Tokens the encoder sees for a grid (T', H', W'), masking kind and ratio (exact, as masking uses)."""
+    t, h, w = grid
+    if kind == "tube":
+        return t * (h * w - round(ratio * h * w))
+    if kind == "frame":
+        return (t - round(ratio * t)) * h * w
+    return t * h * w - round(ratio * t * h * w)
+
+
+@dataclass
+class TokenizerConfig:
+    """FSQ-MagViT tokenizer with a token scorer (see lvmae.tokenizer)."""
+
+    video: VideoSpec = field(default_factory=VideoSpec)
+    base_channels: int = 64
+    # One entry per resolution level; the encoder halves H and W between levels, so it needs
+    # log2(patch_size) + 1 entries, and halves T on the first log2(tubelet_size) of those steps.
+    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 1
+    num_groups: int = 8
+    quantizer: str = "fsq"
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
+    lfq_bits: int = 12
+    lfq_entropy_weight: float = 0.1
+    scorer_channels: int = 32
+    keep_ratio: float = 0.25  # fraction of tokens the decoder sees while training
+    topk_temperature: float = 0.05
+
+    @property
+    def latent_dim(self) -> int:
+        return len(self.fsq_levels) if self.quantizer == "fsq" else self.lfq_bits
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.fsq_levels) if self.quantizer == "fsq" else 2**self.lfq_bits
+
+    def validate(self, prefix: str = "tokenizer") -> None:
+        self.video.validate(f"{prefix}.video")
+        _check(_is_pow2(self.video.patch_size), f"{prefix}.video.patch_size", "must be a power of two")
+        _check(_is_pow2(self.video.tubelet_size), f"{prefix}.video.tubelet_size", "must be a power of two")
+        _check(
+            self.video.tubelet_size <= self.video.patch_size,
+            f"{prefix}.video.tubelet_size",
+            "must not exceed patch_size",
+        )
+        levels = int(math.log2(self.video.patch_size)) + 1
+        _check(
+            len(self.channel_mult) == levels,
+            f"{prefix}.channel_mult",
+            f"needs {levels} entries (log2(patch_size {self.video.patch_size}) + 1); got {len(self.channel_mult)}",
+        )
+        _check(all(m >= 1 for m in self.channel_mult), f"{prefix}.channel_mult", "entries must be >= 1")
+        _check(self.base_channels >= 1, f"{prefix}.base_channels", "must be positive")
+        for m in self.channel_mult:
+            _check(
+                (self.base_channels * m) % self.num_groups == 0,
+                f"{prefix}.num_groups",
+                f"{self.num_groups} does not divide channel count {self.base_channels * m}",
+            )
+        _check(self.num_res_blocks >= 0, f"{prefix}.num_res_blocks", "must be >= 0")
+        _choice(self.quantizer, f"{prefix}.quantizer", QUANTIZERS)
+        _check(
+            len(self.fsq_levels) >= 1 and all(lv >= 2 for lv in self.fsq_levels),
+            f"{prefix}.fsq_levels",
+            f"needs at least one level, each >= 2; got {list(self.fsq_levels)}",
+        )
+        _check(1 <= self.lfq_bits <= 30, f"{prefix}.lfq_bits", "must be in [1, 30]")
+        _check(self.scorer_channels >= 1, f"{prefix}.scorer_channels", "must be positive")
+        _check(0.0 < self.keep_ratio <= 1.0, f"{prefix}.keep_ratio", "must be in (0, 1]")
+        _check(self.topk_temperature > 0, f"{prefix}.topk_temperature", "must be positive")
+
+
+def check_tokenizer_matches(model: MAEConfig, tokenizer: TokenizerConfig) -> None:
+    """The tokenizer's latent grid must equal the MAE token grid, and its codebook the target's."""
+    m, t = model.video, tokenizer.video
+    _check(
+        (m.tubelet_size, m.patch_size) == (t.tubelet_size, t.patch_size),
+        "model.video",
+        f"tubelet {m.tubelet_size}x{m.patch_size}x{m.patch_size} differs from the tokenizer's "
+        f"{t.tubelet_size}x{t.patch_size}x{t.patch_size}: its latent grid would not match the MAE token grid",
+    )
+    if model.target.kind == "tokens":
+        _check(
+            tokenizer.quantizer == "fsq" and list(model.target.fsq_levels) == list(tokenizer.fsq_levels),
+            "model.target.fsq_levels",
+            f"{list(model.target.fsq_levels)} differs from the tokenizer's "
+            f"{list(tokenizer.fsq_levels) if tokenizer.quantizer == 'fsq' else 'LFQ codes'}",
+        )
+
+
+T = TypeVar("T")
+
+
+def load_config(
+    schema: type[T],
+    yamls: Iterable[str | Path | dict[str, Any]] = (),
+    overrides: Sequence[str] = (),
+) -> T:
+    """Merge YAML files (or dicts) and dotted overrides onto `schema`, then validate.
+
+    Raises ConfigError naming the key for unknown keys, wrong types and invalid values.
+    """
+    merged: DictConfig = OmegaConf.structured(schema)
+    try:
+        for src in yamls:
+            layer = OmegaConf.create(src) if isinstance(src, dict) else OmegaConf.load(src)
+            merged = OmegaConf.merge(merged, layer)  # type: ignore[assignment]
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))  # type: ignore[assignment]
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (what runs and checkpoints save)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]

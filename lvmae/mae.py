@@ -1,0 +1,163 @@
+"""The video ViT encoder and the masked autoencoder (VideoMAE encoder masking + LVMAE decoder masking).
+
+The decoder's input is the encoded visible tokens plus mask tokens at the decoder-selected positions
+only, so its cost follows the decoder budget, not the clip length. The model returns predictions and
+masks; losses are functions in `lvmae.losses`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lvmae.config import MAEConfig, VideoSpec
+from lvmae.masking import MaskPlan, plan_masks
+from lvmae.pos_embed import sincos_3d
+from lvmae.vit import Transformer, init_weights
+
+
+def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), ids (B, K) -> (B, K, D)."""
+    return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class TubeletEmbed(nn.Module):
+    """(B, C, T, H, W) -> (B, N, D): one linear map per t x p x p tubelet (a strided Conv3d)."""
+
+    def __init__(self, video: VideoSpec, dim: int):
+        super().__init__()
+        t, p = video.tubelet_size, video.patch_size
+        self.proj = nn.Conv3d(video.in_chans, dim, kernel_size=(t, p, p), stride=(t, p, p))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.proj(video).flatten(2).transpose(1, 2)
+
+
+class VideoViT(nn.Module):
+    """The encoder: tubelet embedding + fixed 3D sine-cosine positions + transformer.
+
+    Used by the MAE (on visible tokens only) and, alone, for downstream fine-tuning and probes.
+    """
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        cfg = cfg.resolved()
+        self.video = cfg.video
+        enc = cfg.encoder
+        self.patch_embed = TubeletEmbed(cfg.video, enc.embed_dim)
+        self.register_buffer("pos_embed", sincos_3d(enc.embed_dim, cfg.video.grid)[None], persistent=False)
+        self.transformer = Transformer(
+            enc.embed_dim,
+            enc.depth,
+            enc.num_heads,
+            enc.mlp_ratio,
+            enc.qkv_bias,
+            enc.drop_path,
+            enc.grad_checkpointing,
+        )
+
+    def check_input(self, video: torch.Tensor) -> None:
+        v = self.video
+        expected = (v.in_chans, v.num_frames, v.img_size, v.img_size)
+        if video.ndim != 5 or tuple(video.shape[1:]) != expected:
+            raise ValueError(
+                f"expected video of shape (B, {', '.join(map(str, expected))}), got {tuple(video.shape)}"
+            )
+
+    def forward(self, video: torch.Tensor, ids_visible: torch.Tensor | None = None) -> torch.Tensor:
+        """video (B, C, T, H, W), ids_visible (B, N_vis) or None for all tokens -> (B, N_vis, D)."""
+        self.check_input(video)
+        x = self.patch_embed(video) + self.pos_embed.to(video.dtype)  # (B, N, D)
+        if ids_visible is not None:
+            x = _gather(x, ids_visible)  # (B, N_vis, D)
+        return self.transformer(x)
+
+
+def output_dim(cfg: MAEConfig) -> int:
+    """Width of the prediction head: tubelet values, codebook logits, or per-FSQ-digit logits."""
+    tgt = cfg.target
+    if tgt.kind == "pixels":
+        return cfg.video.tubelet_dim
+    if tgt.token_loss == "softmax":
+        return tgt.codebook_size
+    return sum(tgt.fsq_levels)
+
+
+@dataclass
+class MAEOutput:
+    pred: torch.Tensor  # (B, N_sel, out_dim): predictions for plan.ids_selected, in that order
+    plan: MaskPlan
+
+
+class MaskedVideoAutoencoder(nn.Module):
+    """VideoMAE / LVMAE: encoder on visible tokens, decoder on visible + selected mask tokens."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        cfg = cfg.resolved()
+        cfg.validate()
+        self.cfg = cfg
+        enc, dec = cfg.encoder, cfg.decoder
+        self.encoder = VideoViT(cfg)
+        self.decoder_embed = nn.Linear(enc.embed_dim, dec.embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.embed_dim))
+        self.register_buffer(
+            "decoder_pos_embed", sincos_3d(dec.embed_dim, cfg.video.grid)[None], persistent=False
+        )
+        self.decoder = Transformer(
+            dec.embed_dim,
+            dec.depth,
+            dec.num_heads,
+            dec.mlp_ratio,
+            dec.qkv_bias,
+            dec.drop_path,
+            dec.grad_checkpointing,
+        )
+        self.head = nn.Linear(dec.embed_dim, output_dim(cfg))
+        self.apply(init_weights)
+        # MAE initializes the tubelet projection like a linear layer, and the mask token small.
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.cfg.video.grid
+
+    def plan(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        priority: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> MaskPlan:
+        """Draw this step's encoder and decoder masks (priority: (B, T', H', W') for `adaptive`)."""
+        return plan_masks(self.cfg.masking, batch, self.grid, generator, priority, device)
+
+    def forward_encoder(self, video: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
+        """-> (B, N_vis, D_enc) encoded visible tokens."""
+        return self.encoder(video, plan.ids_visible)
+
+    def forward_decoder(self, latent: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
+        """latent (B, N_vis, D_enc) -> predictions (B, N_sel, out_dim) for plan.ids_selected."""
+        b = latent.shape[0]
+        pos = self.decoder_pos_embed.to(latent.dtype).expand(b, -1, -1)  # (B, N, Dd)
+        visible = self.decoder_embed(latent) + _gather(pos, plan.ids_visible)  # (B, N_vis, Dd)
+        queries = self.mask_token.to(latent.dtype) + _gather(pos, plan.ids_selected)  # (B, N_sel, Dd)
+        x = self.decoder(torch.cat([visible, queries], dim=1))
+        return self.head(x[:, plan.num_visible :])
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        plan: MaskPlan | None = None,
+        priority: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MAEOutput:
+        """video (B, C, T, H, W). Pass a `plan`, or let one be drawn (with `priority` for `adaptive`)."""
+        if plan is None:
+            plan = self.plan(video.shape[0], generator, priority, video.device)
+        latent = self.forward_encoder(video, plan)
+        return MAEOutput(self.forward_decoder(latent, plan), plan)

@@ -1,0 +1,1 @@
+"""Training: configs, loader, DeepSpeed engine, checkpoints, metrics."""

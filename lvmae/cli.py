@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, CUDA and DALI status, model presets")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
+    from ingest.cli import add_parser as add_ingest
+
+    add_ingest(sub)
     return parser
 
 

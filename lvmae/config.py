@@ -251,6 +251,7 @@ class TokenizerConfig:
         )
         _check(all(m >= 1 for m in self.channel_mult), f"{prefix}.channel_mult", "entries must be >= 1")
         _check(self.base_channels >= 1, f"{prefix}.base_channels", "must be positive")
+        _check(self.num_groups >= 1, f"{prefix}.num_groups", "must be positive")
         for m in self.channel_mult:
             _check(
                 (self.base_channels * m) % self.num_groups == 0,

@@ -85,14 +85,18 @@ class LFQ(nn.Module):
 
     The entropy regularizer uses independent per-bit probabilities p_i = sigmoid(2 z_i / tau), so it stays
     cheap for any number of bits: minimise each token's bit entropy (confident codes) and maximise the
-    batch's mean bit entropy (all codes in use).
+    batch's mean bit entropy (all codes in use). A commitment term keeps z near +-1: with a
+    straight-through sign, nothing else stops the latents from growing without bound.
     """
 
-    def __init__(self, bits: int, entropy_weight: float = 0.1, tau: float = 1.0):
+    def __init__(
+        self, bits: int, entropy_weight: float = 0.1, tau: float = 1.0, commitment_weight: float = 0.25
+    ):
         super().__init__()
         self.bits = bits
         self.entropy_weight = entropy_weight
         self.tau = tau
+        self.commitment_weight = commitment_weight
 
     @property
     def codebook_size(self) -> int:
@@ -105,11 +109,13 @@ class LFQ(nn.Module):
         place = 2 ** torch.arange(self.bits, device=z.device)
         codes = ((z > 0).long() * place).sum(-1)
         aux = z.new_zeros(())
+        if self.training and self.commitment_weight > 0:
+            aux = aux + self.commitment_weight * (z - hard).pow(2).mean()
         if self.training and self.entropy_weight > 0:
             p = torch.sigmoid(2 * z / self.tau).reshape(-1, self.bits)
             per_token = _binary_entropy(p).sum(-1).mean()
             codebook = _binary_entropy(p.mean(0)).sum()
-            aux = self.entropy_weight * (per_token - codebook)
+            aux = aux + self.entropy_weight * (per_token - codebook)
         return Quantized(z_q, codes, aux)
 
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import load_clip
 
+from ingest.frames import load_clip
 from lvmae.losses import mae_loss
 from lvmae.mae import MaskedVideoAutoencoder, VideoViT
 from lvmae.presets import MODEL_PRESETS, preset_config

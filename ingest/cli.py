@@ -1,0 +1,139 @@
+"""`lvmae ingest ...` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from ingest.config import ClipSpec, IngestConfig
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '512MB', '300k', '1048576' -> bytes (K/M/G/T are powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB, 64MiB, 500000)")
+    unit = m.group(2).upper()
+    return int(float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1))
+
+
+def _metrics(port: int | None, addr: str):
+    """Prometheus counters for the ingest figures, served on addr:port; -> on_progress callback."""
+    if port is None:
+        return None
+    from prometheus_client import Counter, start_http_server
+
+    files = Counter("lvmae_ingest_files_total", "Source files probed", ["status"])
+    clips = Counter("lvmae_ingest_clips_total", "Clips written")
+    written = Counter("lvmae_ingest_written_bytes_total", "Clip bytes written")
+    errors = Counter("lvmae_ingest_clip_errors_total", "Clips skipped because their source failed")
+    start_http_server(port, addr=addr)
+
+    def on_progress(metric: str, amount: int) -> None:
+        {
+            "files_ok": files.labels("ok"),
+            "files_bad": files.labels("bad"),
+            "clips": clips,
+            "bytes": written,
+            "clip_errors": errors,
+        }[metric].inc(amount)
+
+    return on_progress
+
+
+def cmd_clips(args: argparse.Namespace) -> int:
+    from ingest.clips import IngestError, ingest_clips
+    from ingest.sources import SourceError
+    from lvmae.cli import UserError
+
+    cfg = IngestConfig(
+        clip=ClipSpec(
+            num_frames=args.frames,
+            size=args.size,
+            fps=args.fps,
+            frame_stride=args.frame_stride,
+            clip_stride=args.clip_stride,
+            codec=args.codec,
+        ),
+        shard_bytes=args.shard_size,
+        shard_clips=args.shard_clips,
+        workers=args.workers,
+        num_nodes=args.num_nodes,
+        node_rank=args.node_rank,
+        strict=args.strict,
+        storage_options=json.loads(args.storage_options) if args.storage_options else {},
+    )
+    try:
+        summary = ingest_clips(
+            args.src,
+            args.out,
+            cfg,
+            progress=not args.quiet,
+            on_progress=_metrics(args.metrics_port, args.metrics_addr),
+        )
+    except (IngestError, SourceError) as err:
+        raise UserError(str(err)) from None
+    s = summary
+    print(
+        f"ingest: {s.sources} sources ({s.bad_sources} skipped), {s.clips_planned} clips planned in {s.shards} shards; "
+        f"this run wrote {s.samples_written} clips ({s.bytes_written / 1e6:.1f} MB, {s.clip_errors} clip errors, "
+        f"{s.shards_skipped} shards already done) in {s.seconds:.1f} s"
+    )
+    for e in s.errors[:10]:
+        print(f"  skipped {e['source']}: {e['reason']}: {e['detail']}")
+    if len(s.errors) > 10:
+        print(f"  ... and {len(s.errors) - 10} more")
+    if s.index_written:
+        print(
+            f"data set complete: {s.num_samples} clips, {args.out.rstrip('/')}/index.json (errors: errors.jsonl)"
+        )
+    else:
+        print(
+            "index.json not written yet: other nodes' shards are still missing; the last node to finish writes it"
+        )
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    ingest = sub.add_parser("ingest", help="turn a video corpus into clip shards (and token stores)")
+    isub = ingest.add_subparsers(dest="ingest_command", required=True, metavar="STAGE")
+    p = isub.add_parser(
+        "clips", help="videos -> WebDataset clip shards + index.json", description=cmd_clips.__doc__
+    )
+    p.add_argument(
+        "src", nargs="+", help="directories, globs, files, s3:// prefixes, or .csv/.jsonl manifests"
+    )
+    p.add_argument("--out", required=True, help="data set root: a local path or s3://bucket/prefix")
+    p.add_argument("--frames", type=int, default=128, help="frames per clip (default 128)")
+    p.add_argument("--size", type=int, default=224, help="clip side after short-side resize + centre crop")
+    p.add_argument("--fps", type=float, default=None, help="target frame rate (default: the source's)")
+    p.add_argument(
+        "--frame-stride", type=int, default=1, help="source frames per clip frame when --fps is unset"
+    )
+    p.add_argument(
+        "--clip-stride", type=int, default=None, help="clip frames between clip starts (default: --frames)"
+    )
+    p.add_argument("--codec", choices=["vp9", "h264"], default="vp9")
+    p.add_argument("--shard-size", type=parse_size, default=1 << 30, help="target shard size (default 1GiB)")
+    p.add_argument(
+        "--shard-clips", type=int, default=None, help="exact clips per shard (overrides --shard-size)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="parallel shard writers on this machine")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="fail on the first bad file instead of skipping it")
+    p.add_argument(
+        "--storage-options", default=None, help="JSON fsspec options (credentials: use the environment)"
+    )
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-addr", default="127.0.0.1")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_clips)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: lvmae ingest ...")

@@ -1,0 +1,356 @@
+"""`lvmae ingest clips`: a video corpus -> WebDataset clip shards + index.json.
+
+Layout under --out:
+  shards/shard-NNNNNN.tar    samples KEY.webm (the clip) + KEY.json (its metadata), byte-for-byte
+                             deterministic for a given corpus and spec
+  shards/shard-NNNNNN.json   the shard's completion record (written after the tar: its commit marker)
+  errors.jsonl               every skipped source or clip: {"source", "reason", "detail"}
+  index.json                 written LAST, once every shard is recorded: its presence means complete
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from itertools import groupby
+from typing import Any
+
+from ingest.config import ClipSpec, IngestConfig
+from ingest.plan import (
+    Clip,
+    VideoInfo,
+    estimate_clip_bytes,
+    group_into_shards,
+    plan_clips,
+    plan_digest,
+    shards_of_node,
+)
+from ingest.sources import Source, expand_sources
+from ingest.storage import Store
+from ingest.video import BadVideo, clip_extension, cut_clips, probe, sha256_hex
+
+FORMAT_VERSION = 1
+
+
+class IngestError(Exception):
+    """Ingest cannot go on (nothing usable, a conflicting earlier run, --strict): a user error."""
+
+
+def shard_name(k: int) -> str:
+    return f"shards/shard-{k:06d}"
+
+
+def _open_source(uri: str, storage_options: dict[str, Any]):
+    """A path for local files (fastest for libav), else an fsspec file object."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri.removeprefix("file://")
+        if os.path.getsize(path) == 0:
+            raise BadVideo("empty", "zero-byte file")
+        return path
+    import fsspec
+
+    f = fsspec.open(uri, "rb", **storage_options).open()
+    if f.size == 0:
+        f.close()
+        raise BadVideo("empty", "zero-byte file")
+    return f
+
+
+def probe_source(src: Source, storage_options: dict[str, Any]) -> VideoInfo | dict[str, str]:
+    """VideoInfo, or an error record {"source", "reason", "detail"}."""
+    try:
+        handle = _open_source(src.uri, storage_options)
+        try:
+            return probe(handle, src.uri, src.label, src.meta)
+        finally:
+            if not isinstance(handle, str):
+                handle.close()
+    except BadVideo as err:
+        return {"source": src.uri, "reason": err.reason, "detail": err.detail}
+    except (OSError, PermissionError) as err:
+        return {"source": src.uri, "reason": "unreadable", "detail": f"{type(err).__name__}: {err}"}
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: deterministic bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def sample_metadata(clip: Clip, spec: ClipSpec, data: bytes) -> dict[str, Any]:
+    meta = {
+        "key": clip.key,
+        "source": clip.uri,
+        "start_frame": clip.start,
+        "frame_step": clip.step,
+        "num_frames": clip.num_frames,
+        "fps": clip.out_fps,
+        "source_fps": clip.src_fps,
+        "source_size": [clip.src_width, clip.src_height],
+        "size": [spec.size, spec.size],
+        "codec": spec.codec,
+        "sha256": sha256_hex(data),
+    }
+    if clip.label is not None:
+        meta["label"] = clip.label
+    return meta
+
+
+@dataclass
+class ShardTask:
+    index: int
+    clips: list[Clip]
+    out: str
+    spec: ClipSpec
+    plan: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Encode a shard's clips into a tar, upload it, then write its record. -> the record.
+
+    on_clip(n_clips, n_bytes) is called after each clip (progress, in-process runs only).
+    """
+    store = Store(task.out, task.storage_options)
+    ext = clip_extension(task.spec.codec)
+    keys, errors = [], []
+    with tempfile.TemporaryDirectory(prefix="lvmae-shard-") as tmp:
+        tar_path = os.path.join(tmp, "shard.tar")
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for uri, group in groupby(task.clips, key=lambda c: c.uri):
+                clips = list(group)
+                try:
+                    handle = _open_source(uri, task.storage_options)
+                except (BadVideo, OSError) as err:
+                    reason = err.reason if isinstance(err, BadVideo) else "unreadable"
+                    errors += [
+                        {"source": uri, "key": c.key, "reason": reason, "detail": str(err)} for c in clips
+                    ]
+                    continue
+                try:
+                    for clip, result in cut_clips(handle, clips, task.spec.size, task.spec.codec):
+                        if isinstance(result, BadVideo):
+                            errors.append(
+                                {
+                                    "source": uri,
+                                    "key": clip.key,
+                                    "reason": result.reason,
+                                    "detail": result.detail,
+                                }
+                            )
+                            continue
+                        meta = sample_metadata(clip, task.spec, result)
+                        _tar_add(tar, f"{clip.key}.{ext}", result)
+                        _tar_add(tar, f"{clip.key}.json", json.dumps(meta, sort_keys=True).encode())
+                        keys.append(clip.key)
+                        if on_clip is not None:
+                            on_clip(1, len(result))
+                finally:
+                    if not isinstance(handle, str):
+                        handle.close()
+        digest = hashlib.sha256()
+        with open(tar_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        size = os.path.getsize(tar_path)
+        name = shard_name(task.index)
+        store.put_file(tar_path, f"{name}.tar")
+    record = {
+        "shard": f"{name}.tar",
+        "plan": task.plan,
+        "samples": len(keys),
+        "bytes": size,
+        "sha256": digest.hexdigest(),
+        "keys": keys,
+        "errors": errors,
+    }
+    store.write_json(f"{name}.json", record)  # the commit marker: after the tar is in place
+    return record
+
+
+def _run_shard_in_worker(task: ShardTask) -> dict[str, Any]:
+    return write_shard(task)
+
+
+@dataclass
+class IngestSummary:
+    out: str
+    sources: int = 0
+    bad_sources: int = 0
+    clips_planned: int = 0
+    shards: int = 0
+    shards_skipped: int = 0
+    samples_written: int = 0
+    bytes_written: int = 0
+    clip_errors: int = 0
+    seconds: float = 0.0
+    index_written: bool = False
+    num_samples: int = 0  # in the finished data set (all nodes)
+    errors: list[dict[str, str]] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("errors")
+        return d
+
+
+def _plan(cfg: IngestConfig, sources: list[Source], progress: bool) -> tuple[list[VideoInfo], list[dict]]:
+    from tqdm import tqdm
+
+    videos, errors = [], []
+    with cf.ThreadPoolExecutor(max(4, cfg.workers)) as pool:
+        results = pool.map(lambda s: probe_source(s, cfg.storage_options), sources)
+        for src, res in tqdm(
+            zip(sources, results), total=len(sources), desc="probe", unit="file", disable=not progress
+        ):
+            if isinstance(res, VideoInfo):
+                videos.append(res)
+            else:
+                errors.append(res)
+                if cfg.strict:
+                    raise IngestError(f"{src.uri}: {res['reason']}: {res['detail']} (--strict)")
+    return videos, errors
+
+
+def finalize(
+    store: Store, spec: ClipSpec, plan: str, num_shards: int, probe_errors: list[dict]
+) -> dict | None:
+    """Write errors.jsonl then index.json if every shard of the plan is recorded; -> the index or None."""
+    records = []
+    for k in range(num_shards):
+        rel = f"{shard_name(k)}.json"
+        if not store.exists(rel):
+            return None
+        records.append(store.read_json(rel))
+    errors = list(probe_errors) + [e for r in records for e in r["errors"]]
+    store.write_bytes("errors.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
+    index = {
+        "format_version": FORMAT_VERSION,
+        "clip_spec": {**asdict(spec), "extension": clip_extension(spec.codec)},
+        "plan": plan,
+        "num_samples": sum(r["samples"] for r in records),
+        "num_errors": len(errors),
+        "shards": [
+            {"name": r["shard"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
+            for r in records
+            if r["samples"] > 0
+        ],
+    }
+    store.write_json("index.json", index)
+    return index
+
+
+def ingest_clips(
+    srcs: list[str],
+    out: str,
+    cfg: IngestConfig,
+    progress: bool = True,
+    on_progress: Callable[[str, int], None] | None = None,
+) -> IngestSummary:
+    """Run (or resume) an ingest; see the module docstring. on_progress(metric, amount) feeds metrics."""
+    from tqdm import tqdm
+
+    cfg.validate()
+    started = time.perf_counter()
+    notify = on_progress or (lambda metric, amount: None)
+    store = Store(out, cfg.storage_options or None)
+    summary = IngestSummary(out=out)
+    sources = expand_sources(srcs, cfg.storage_options or None)
+    summary.sources = len(sources)
+    videos, probe_errors = _plan(cfg, sources, progress)
+    summary.bad_sources = len(probe_errors)
+    notify("files_ok", len(videos))
+    notify("files_bad", len(probe_errors))
+    spec = cfg.clip
+    clips = plan_clips(videos, spec.num_frames, spec.fps, spec.frame_stride, spec.stride)
+    per_shard = cfg.shard_clips or max(1, cfg.shard_bytes // estimate_clip_bytes(spec.num_frames, spec.size))
+    shards = group_into_shards(clips, per_shard)
+    plan = plan_digest(shards, {"spec": asdict(spec), "per_shard": per_shard})
+    summary.clips_planned, summary.shards = len(clips), len(shards)
+    if not clips:
+        raise IngestError(
+            f"nothing to ingest: {len(videos)} usable of {len(sources)} sources, none long enough for a "
+            f"{spec.num_frames}-frame clip" + (f" (errors: {_reasons(probe_errors)})" if probe_errors else "")
+        )
+    if store.exists("index.json"):
+        index = store.read_json("index.json")
+        if index.get("plan") != plan:
+            raise IngestError(
+                f"{out} already holds a different data set (plan {index.get('plan')}, now {plan}); use a new --out"
+            )
+    if cfg.num_nodes == 1:
+        store.remove_stale_temporaries("shards")
+
+    todo = []
+    for k in shards_of_node(len(shards), cfg.num_nodes, cfg.node_rank):
+        rel = f"{shard_name(k)}.json"
+        if store.exists(rel):
+            done = store.read_json(rel)
+            if done.get("plan") != plan:
+                raise IngestError(
+                    f"{store.uri(rel)} belongs to a different plan; use a new --out for a changed corpus or spec"
+                )
+            summary.shards_skipped += 1
+            continue
+        todo.append(ShardTask(k, shards[k], out, spec, plan, cfg.storage_options))
+
+    bar = tqdm(total=sum(len(t.clips) for t in todo), desc="clips", unit="clip", disable=not progress)
+    written = {"bytes": 0}
+
+    def on_clip(n: int, nbytes: int) -> None:
+        written["bytes"] += nbytes
+        bar.update(n)
+        bar.set_postfix(MB=f"{written['bytes'] / 1e6:.1f}", refresh=False)
+        notify("clips", n)
+        notify("bytes", nbytes)
+
+    def account(record: dict[str, Any], per_clip_done: bool) -> None:
+        summary.samples_written += record["samples"]
+        summary.bytes_written += record["bytes"]
+        summary.clip_errors += len(record["errors"])
+        notify("clip_errors", len(record["errors"]))
+        if not per_clip_done:
+            on_clip(record["samples"], 0)
+        bar.update(len(record["errors"]))  # failed clips are done too, as far as progress goes
+        if cfg.strict and record["errors"]:
+            e = record["errors"][0]
+            raise IngestError(f"{e['source']}: {e['reason']}: {e['detail']} (--strict)")
+
+    try:
+        if cfg.workers == 1 or len(todo) <= 1:
+            for task in todo:
+                account(write_shard(task, on_clip), per_clip_done=True)
+        else:
+            ctx = multiprocessing.get_context("spawn")  # no fork: fsspec/s3fs run event-loop threads
+            with cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx) as pool:
+                for record in pool.map(_run_shard_in_worker, todo):
+                    account(record, per_clip_done=False)
+    finally:
+        bar.close()
+
+    index = finalize(store, spec, plan, len(shards), probe_errors)
+    summary.errors = probe_errors
+    summary.index_written = index is not None
+    summary.num_samples = index["num_samples"] if index else 0
+    summary.seconds = round(time.perf_counter() - started, 2)
+    if index is not None and index["num_samples"] == 0:
+        raise IngestError(
+            f"no clip could be written ({_reasons(probe_errors)}); see {store.uri('errors.jsonl')}"
+        )
+    return summary
+
+
+def _reasons(errors: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for e in errors:
+        counts[e["reason"]] = counts.get(e["reason"], 0) + 1
+    return ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))

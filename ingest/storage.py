@@ -1,0 +1,116 @@
+"""Storage picked by URL scheme through fsspec: local paths by default, s3:// for clusters.
+
+Writes are atomic: a reader sees the old object or the complete new one, never a part. Locally that is
+a temporary name in the same folder and a rename; on object storage a single PUT is already atomic
+(the object appears only when its upload completes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def storage_options_from_env(url: str) -> dict[str, Any]:
+    """Options for s3:// from the standard environment: the endpoint (AWS_ENDPOINT_URL or
+    AWS_ENDPOINT_URL_S3); keys and region are picked up by botocore itself from AWS_* variables and
+    ~/.aws files, so they never pass through (or get logged by) this program."""
+    if not url.startswith("s3://"):
+        return {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+class Store:
+    """A data set root (`url`) and the files below it, addressed by relative paths."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url.rstrip("/")
+        options = storage_options if storage_options is not None else storage_options_from_env(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        self.storage_options = options
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def uri(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def list(self, rel: str) -> list[str]:
+        """Names (not paths) of the files directly in `rel`; empty if it does not exist."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.basename(str(e).rstrip("/")) for e in entries)
+
+    def _parent(self, rel: str) -> None:
+        if self.local:
+            self.fs.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomically create or replace `rel` with `data`."""
+        self._parent(rel)
+        if not self.local:
+            self.fs.pipe_file(self.path(rel), data)
+            return
+        tmp = f"{self.path(rel)}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(rel))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+    def put_file(self, local_path: str, rel: str) -> None:
+        """Atomically upload (or move into place) a finished local file."""
+        self._parent(rel)
+        if not self.local:
+            self.fs.put_file(local_path, self.path(rel))
+            return
+        tmp = f"{self.path(rel)}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.cp_file(local_path, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(rel))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def remove_stale_temporaries(self, rel_dir: str) -> int:
+        """Delete leftovers of interrupted local writes (`*.tmp-*`); -> how many."""
+        if not self.local:
+            return 0
+        removed = 0
+        for name in self.list(rel_dir):
+            if ".tmp-" in name:
+                self.fs.rm_file(self.path(f"{rel_dir}/{name}"))
+                removed += 1
+        return removed

@@ -48,7 +48,7 @@ def _metrics(port: int | None, addr: str):
 def cmd_clips(args: argparse.Namespace) -> int:
     from ingest.clips import IngestError, ingest_clips
     from ingest.sources import SourceError
-    from lvmae.cli import UserError
+    from lvmae.errors import UserError
 
     cfg = IngestConfig(
         clip=ClipSpec(

@@ -82,12 +82,15 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> li
 
 
 def expand_sources(srcs: list[str], storage_options: dict[str, Any] | None = None) -> list[Source]:
-    """All sources named by `srcs`, de-duplicated by URI and sorted by URI (the corpus order)."""
+    """All sources named by `srcs`, de-duplicated by URI and sorted by URI (the corpus order).
+
+    A file both found by a scan and listed in a manifest keeps the manifest's label and metadata.
+    """
     found: dict[str, Source] = {}
     for src in srcs:
         if src.endswith(MANIFEST_EXTENSIONS):
             for s in read_manifest(src, storage_options):
-                found.setdefault(s.uri, s)
+                found[s.uri] = s
             continue
         fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
         if _has_glob(path):
@@ -102,5 +105,6 @@ def expand_sources(srcs: list[str], storage_options: dict[str, Any] | None = Non
             raise SourceError(f"{src}: matches no video files")
         for p in matches:
             uri = _full_uri(fs, p)
-            found.setdefault(uri, Source(uri))
+            if uri not in found:
+                found[uri] = Source(uri)
     return [found[k] for k in sorted(found)]

@@ -87,7 +87,8 @@ class _ClipEncoder:
         fmt, encoder, options, _ = CODECS[codec]
         self.clip = clip
         self.buffer = io.BytesIO()
-        self.container = av.open(self.buffer, mode="w", format=fmt)
+        # bitexact: no random segment id or creation date in the header, so the bytes are reproducible
+        self.container = av.open(self.buffer, mode="w", format=fmt, options={"fflags": "+bitexact"})
         rate = Fraction(clip.out_fps).limit_denominator(1001)
         self.stream = self.container.add_stream(encoder, rate=rate, options=dict(options))
         self.stream.width = self.stream.height = size

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from lvmae.config import ConfigError
+from lvmae.errors import UserError
 
 DISTRIBUTIONS = (
     "torch",
@@ -25,10 +26,6 @@ DISTRIBUTIONS = (
     "safetensors",
     "numpy",
 )
-
-
-class UserError(Exception):
-    """An error the user can fix (bad input, bad config): printed as one line, exit status 2."""
 
 
 def _version(dist: str) -> str | None:

@@ -1,0 +1,5 @@
+"""Errors a user can cause and fix: the CLI prints them as one line and exits 2, without a traceback."""
+
+
+class UserError(Exception):
+    """Bad input, a conflicting earlier run, an unreachable store: say what and how to fix it."""

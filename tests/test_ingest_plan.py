@@ -1,0 +1,57 @@
+import itertools
+
+import pytest
+
+from ingest.plan import (
+    VideoInfo,
+    clip_starts,
+    frame_indices,
+    group_into_shards,
+    plan_clips,
+    plan_digest,
+    sample_key,
+    sampling_step,
+    shards_of_node,
+)
+
+
+def test_clip_starts_fit_inside_the_video():
+    assert clip_starts(132, 32, 1.0, 32) == [0, 32, 64, 96]  # 96 + 31 = 127 < 132; 128 + 31 too far
+    assert clip_starts(128, 32, 1.0, 32) == [0, 32, 64, 96]
+    assert clip_starts(127, 32, 1.0, 32) == [0, 32, 64]
+    assert clip_starts(31, 32, 1.0, 32) == []
+    assert clip_starts(64, 32, 1.0, 16) == [0, 16, 32]  # overlapping clips
+
+
+def test_frame_stride_and_target_fps():
+    assert frame_indices(10, 4, 2.0) == [10, 12, 14, 16]
+    assert sampling_step(30.0, 15.0, 1) == 2.0
+    assert sampling_step(25.0, 50.0, 1) == 1.0  # never duplicate frames
+    assert sampling_step(25.0, None, 3) == 3.0
+    # 29.97 -> 12 fps: the sampled frames are strictly increasing and evenly spread.
+    idx = frame_indices(0, 12, sampling_step(30000 / 1001, 12.0, 1))
+    assert all(b > a for a, b in itertools.pairwise(idx))
+    assert idx[-1] == round(11 * 30000 / 1001 / 12)
+    # with step 2, 32 frames span 63 source frames; clips start every 32 output = 64 source frames
+    assert clip_starts(200, 32, 2.0, 32) == [0, 64, 128]
+
+
+def test_keys_are_stable_unique_and_dot_free():
+    a, b = sample_key("s3://b/v.mp4", 0), sample_key("s3://b/v.mp4", 32)
+    assert a != b and a == sample_key("s3://b/v.mp4", 0)
+    assert "." not in a and sample_key("/x/v.mp4", 0) != a
+
+
+def test_plan_is_deterministic_and_shards_cover_every_clip_once():
+    videos = [VideoInfo(f"/v/{i}.mp4", 100 + 37 * i, 25.0, 640, 360) for i in range(7)]
+    clips = plan_clips(videos, 16, None, 1, 16)
+    assert clips == plan_clips(list(videos), 16, None, 1, 16)
+    shards = group_into_shards(clips, 5)
+    assert [c for s in shards for c in s] == clips and all(len(s) == 5 for s in shards[:-1])
+    nodes = [shards_of_node(len(shards), 3, r) for r in range(3)]
+    assert sorted(k for n in nodes for k in n) == list(range(len(shards)))
+    spec = {"frames": 16}
+    assert plan_digest(shards, spec) == plan_digest(group_into_shards(clips, 5), spec)
+    assert plan_digest(shards, spec) != plan_digest(group_into_shards(clips, 4), spec)
+    with pytest.raises(ValueError):
+        shards_of_node(4, 2, 2)

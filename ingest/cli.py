@@ -21,17 +21,20 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1))
 
 
-def _metrics(port: int | None, addr: str):
+def metrics_exporter(port: int | None, addr: str = "127.0.0.1"):
     """Prometheus counters for the ingest figures, served on addr:port; -> on_progress callback."""
     if port is None:
         return None
-    from prometheus_client import Counter, start_http_server
+    from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-    files = Counter("lvmae_ingest_files_total", "Source files probed", ["status"])
-    clips = Counter("lvmae_ingest_clips_total", "Clips written")
-    written = Counter("lvmae_ingest_written_bytes_total", "Clip bytes written")
-    errors = Counter("lvmae_ingest_clip_errors_total", "Clips skipped because their source failed")
-    start_http_server(port, addr=addr)
+    registry = CollectorRegistry()  # private: several ingests in one process must not collide
+    files = Counter("lvmae_ingest_files_total", "Source files probed", ["status"], registry=registry)
+    clips = Counter("lvmae_ingest_clips_total", "Clips written", registry=registry)
+    written = Counter("lvmae_ingest_written_bytes_total", "Clip bytes written", registry=registry)
+    errors = Counter(
+        "lvmae_ingest_clip_errors_total", "Clips skipped because their source failed", registry=registry
+    )
+    start_http_server(port, addr=addr, registry=registry)
 
     def on_progress(metric: str, amount: int) -> None:
         {
@@ -73,7 +76,7 @@ def cmd_clips(args: argparse.Namespace) -> int:
             args.out,
             cfg,
             progress=not args.quiet,
-            on_progress=_metrics(args.metrics_port, args.metrics_addr),
+            on_progress=metrics_exporter(args.metrics_port, args.metrics_addr),
         )
     except (IngestError, SourceError) as err:
         raise UserError(str(err)) from None
@@ -95,6 +98,43 @@ def cmd_clips(args: argparse.Namespace) -> int:
         print(
             "index.json not written yet: other nodes' shards are still missing; the last node to finish writes it"
         )
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """Run a frozen tokenizer over a data set's clips -> DATASET/tokens/<tokenizer-id>/ (Zarr v3).
+
+    Resumable per clip shard; bad clips are skipped and listed in errors.jsonl (unless --strict).
+    """
+    from ingest.tokens import TokensError, ingest_tokens
+    from lvmae.errors import UserError
+
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else None
+    except ValueError as err:
+        raise UserError(f"--storage-options is not JSON: {err}") from None
+    try:
+        s = ingest_tokens(
+            args.dataset,
+            args.tokenizer,
+            batch_size=args.batch_size,
+            device=args.device,
+            storage_options=options,
+            progress=not args.quiet,
+            workers=args.workers,
+            strict=args.strict,
+        )
+    except TokensError as err:
+        raise UserError(str(err)) from None
+    print(
+        f"tokens: {s.clips} clips tokenized, {s.skipped} skipped ({s.shards_skipped} of {s.shards} shards "
+        f"already done) in {s.seconds:.1f} s on {s.device}"
+    )
+    for e in s.errors[:10]:
+        print(f"  skipped {e['key']} ({e['shard']}): {e['reason']}: {e['detail']}")
+    if len(s.errors) > 10:
+        print(f"  ... and {len(s.errors) - 10} more")
+    print(f"token store complete: {s.store} ({s.num_valid} clips; errors: errors.jsonl)")
     return 0
 
 
@@ -133,6 +173,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-addr", default="127.0.0.1")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_clips)
+
+    t = isub.add_parser(
+        "tokens",
+        help="clip shards -> the frozen tokenizer's codes and priorities (Zarr v3 token store)",
+        description=cmd_tokens.__doc__,
+    )
+    t.add_argument("dataset", help="data set root written by `lvmae ingest clips` (local path or s3://)")
+    t.add_argument(
+        "--tokenizer", required=True, help="directory of a saved tokenizer (lvmae train tokenizer)"
+    )
+    t.add_argument("--batch-size", type=int, default=8, help="clips per tokenizer forward pass (default 8)")
+    t.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
+    t.add_argument("--workers", type=int, default=1, help="threads decoding clips ahead of the tokenizer")
+    t.add_argument("--strict", action="store_true", help="fail on the first bad clip instead of skipping it")
+    t.add_argument(
+        "--storage-options", default=None, help="JSON fsspec options (credentials: use the environment)"
+    )
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tokens)
 
 
 if __name__ == "__main__":  # pragma: no cover

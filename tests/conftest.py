@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from s3_fixtures import s3_bucket, s3_server
 
 from ingest.frames import load_clip
 from ingest.samples import sample_videos as _sample_videos
 
-__all__ = ["load_clip"]
+__all__ = ["load_clip", "s3_bucket", "s3_server"]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,355 @@
+"""`lvmae ingest tokens`: clip shards -> the frozen tokenizer's codes and priorities, in a Zarr v3 store.
+
+Layout under DATASET/tokens/<tokenizer-id>/ (a Zarr v3 group, local or s3:// through fsspec):
+  codes      [N, T', H', W'] int16 (int32 if the codebook has more than 32768 codes), fill -1
+  priority   [N, T', H', W'] float16, fill 0
+  keys       [N] variable-length UTF-8 strings (the sample KEY), fill ""
+  valid      [N] bool, fill False: True where the row holds a tokenized clip
+  _done/shard-NNNNNN.json   a clip shard's commit marker {shard, plan, samples, errors}
+  errors.jsonl              every skipped sample {key, shard, reason, detail}
+
+Rows: the sample at position i of clip shard k (tar order) is row k * S + i, where S (`rows_per_shard`) is
+the largest sample count of any clip shard and N = (last shard number + 1) * S. codes and priority are
+chunked one sample per chunk and sharded S samples per Zarr shard; keys and valid have one chunk of S rows.
+So each clip shard owns exactly one object of each array and is written (or rewritten, on resume) alone.
+The group attributes describe the tokenizer and the layout; `complete: true` is written last.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import json
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ingest.decode import CorruptClip, decode_clip, to_model_input
+from ingest.storage import Store
+
+FORMAT_VERSION = 1
+_SHARD = re.compile(r"(?:^|/)shard-(\d+)\.tar$")
+_LAYOUT_KEYS = ("format_version", "tokenizer_id", "source_plan", "rows_per_shard", "num_rows", "grid")
+
+
+class TokensError(Exception):
+    """Tokenizing cannot go on (no data set, a mismatched tokenizer, --strict): a user error."""
+
+
+@dataclass
+class TokensSummary:
+    store: str  # URL of the token store
+    tokenizer_id: str
+    device: str
+    shards: int = 0
+    shards_skipped: int = 0  # already done by an earlier run
+    clips: int = 0  # tokenized by this run
+    skipped: int = 0  # bad samples met by this run
+    seconds: float = 0.0
+    complete: bool = False
+    num_valid: int = 0  # tokenized samples in the whole store
+    errors: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+
+def open_tokens(store: Store, rel: str, read_only: bool = True):
+    """The Zarr v3 group at `rel` below the data set root, through fsspec (one code path: local and s3)."""
+    import zarr
+
+    options = dict(store.storage_options)
+    if store.local:
+        options.setdefault("auto_mkdir", True)
+    zstore = zarr.storage.FsspecStore.from_url(store.uri(rel), storage_options=options, read_only=read_only)
+    return zarr.open_group(store=zstore, mode="r" if read_only else "a", zarr_format=3)
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise TokensError(f"unknown device {device!r}: use auto, cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TokensError(f"device {device!r} asked for, but CUDA is not available here: use --device cpu")
+    return device
+
+
+def _shard_number(name: str) -> int:
+    m = _SHARD.search(name)
+    if m is None:
+        raise TokensError(f"index.json names a shard {name!r} that is not shards/shard-NNNNNN.tar")
+    return int(m.group(1))
+
+
+def _check_geometry(video: Any, spec: dict[str, Any], tokenizer_dir: str, dataset: str) -> None:
+    theirs = (spec.get("num_frames"), spec.get("size"))
+    if (video.num_frames, video.img_size) != theirs or video.in_chans != 3:
+        raise TokensError(
+            f"tokenizer {tokenizer_dir} takes {video.num_frames}-frame {video.img_size}x{video.img_size} "
+            f"clips with {video.in_chans} channels (video.num_frames={video.num_frames}, "
+            f"video.img_size={video.img_size}), but data set {dataset} holds {theirs[0]}-frame "
+            f"{theirs[1]}x{theirs[1]} RGB clips (clip_spec num_frames={theirs[0]}, size={theirs[1]}): "
+            "use a tokenizer trained on this clip spec, or ingest clips with the tokenizer's"
+        )
+
+
+def _tar_samples(fileobj: Any):
+    """(key, {extension: bytes}) per sample in tar order (webdataset grouping: consecutive, same key).
+    A damaged tar (truncated, garbled) ends the stream with ("", {"_error": detail})."""
+    key, parts = None, {}
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                if k != key:
+                    if key is not None:
+                        yield key, parts
+                    key, parts = k, {}
+                parts[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, EOFError) as err:
+        if parts:
+            yield key, parts  # the parts it has were read whole
+        yield "", {"_error": f"{type(err).__name__}: {err}"}
+        return
+    if key is not None:
+        yield key, parts
+
+
+def _decode_sample(key: str, parts: dict[str, bytes], ext: str, frames: int, size: int):
+    """-> (T, H, W, 3) uint8 clip, or (reason, detail) when the sample is unusable."""
+    if "_error" in parts:
+        return "bad_shard", parts["_error"]
+    data = parts.get(ext)
+    if data is None:
+        return "missing", f"no {key}.{ext} in the shard"
+    try:
+        expected = json.loads(parts["json"]).get("sha256") if "json" in parts else None
+    except ValueError:
+        expected = None
+    if expected and expected != hashlib.sha256(data).hexdigest():
+        return "checksum", f"{key}.{ext} does not match the sha256 in {key}.json"
+    try:
+        clip = decode_clip(data)
+    except CorruptClip as err:
+        return "corrupt", str(err)
+    if clip.shape[0] != frames:
+        return "frame_count", f"decoded to {clip.shape[0]} frames, expected {frames}"
+    if clip.shape[1:3] != (size, size):
+        return "frame_size", f"decoded to {clip.shape[2]}x{clip.shape[1]}, expected {size}x{size}"
+    return clip
+
+
+def _prefetch(pool: cf.Executor, items: Any, fn: Any, depth: int):
+    """(item, fn(*item)) in order, keeping up to `depth` calls in flight on `pool`."""
+    queue: collections.deque = collections.deque()
+    for item in items:
+        queue.append((item, pool.submit(fn, *item)))
+        if len(queue) > depth:
+            done, fut = queue.popleft()
+            yield done, fut.result()
+    while queue:
+        done, fut = queue.popleft()
+        yield done, fut.result()
+
+
+@dataclass
+class _Run:
+    """One pass over the clip shards: what every shard shares."""
+
+    store: Store
+    group: Any  # the zarr.Group
+    model: Any  # the frozen Tokenizer, on `device`
+    attrs: dict[str, Any]  # the group's layout attributes
+    device: str
+    code_dtype: str
+    bar: Any  # tqdm
+    batch_size: int
+    workers: int
+    strict: bool
+
+    def decode(self, pos: int, key: str, parts: dict[str, bytes]):
+        spec = self.attrs["clip_spec"]
+        return _decode_sample(key, parts, spec.get("extension", "webm"), spec["num_frames"], spec["size"])
+
+    def shard(self, k: int, name: str) -> dict[str, Any]:
+        """Tokenize clip shard `name` (number k), write its rows (one write per array), then its marker."""
+        s, grid, store = self.attrs["rows_per_shard"], self.attrs["grid"], self.store
+        codes = np.full((s, *grid), -1, dtype=self.code_dtype)
+        priority = np.zeros((s, *grid), dtype=np.float16)
+        keys, valid = [""] * s, np.zeros(s, dtype=bool)
+        errors: list[dict[str, Any]] = []
+        batch: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            if batch:
+                rows = [pos for pos, _ in batch]
+                with torch.no_grad():
+                    c, p = self.model.encode(to_model_input(np.stack([x for _, x in batch]), self.device))
+                codes[rows] = c.cpu().numpy().astype(codes.dtype)
+                priority[rows] = p.float().cpu().numpy().astype(np.float16)
+                valid[rows] = True
+                self.bar.update(len(batch))
+                batch.clear()
+
+        with store.fs.open(store.path(name), "rb") as f, cf.ThreadPoolExecutor(self.workers) as pool:
+            samples = ((pos, key, parts) for pos, (key, parts) in enumerate(_tar_samples(f)))
+            for (pos, key, _), result in _prefetch(
+                pool, samples, self.decode, self.batch_size + self.workers
+            ):
+                if not key:  # a damaged tar: the samples not read yet are lost; name them from its record
+                    lost = _unread_keys(store, name, keys, pos)
+                    if lost[0]:
+                        keys[pos : pos + len(lost)] = lost  # same length: stays within the shard's rows
+                elif pos >= s:
+                    raise TokensError(f"{store.uri(name)} holds more samples than index.json says ({s})")
+                elif isinstance(result, tuple):
+                    keys[pos], lost = key, [key]
+                else:
+                    keys[pos] = key
+                    batch.append((pos, result))
+                    if len(batch) >= self.batch_size:
+                        flush()
+                    continue
+                if self.strict:
+                    raise TokensError(f"{name}: {lost[0] or '?'}: {result[0]}: {result[1]} (--strict)")
+                errors += [
+                    {"key": x or None, "shard": name, "reason": result[0], "detail": result[1]} for x in lost
+                ]
+                self.bar.update(len(lost))
+            flush()
+        rows = slice(k * s, (k + 1) * s)  # exactly one Zarr shard (or chunk) of each array
+        for array, values in (("codes", codes), ("priority", priority), ("keys", keys), ("valid", valid)):
+            self.group[array][rows] = np.array(values, dtype=object) if array == "keys" else values
+        plan, n_ok = self.attrs["source_plan"], int(valid.sum())
+        record = {"shard": name, "plan": plan, "samples": n_ok, "errors": errors}
+        marker = f"tokens/{self.attrs['tokenizer_id']}/_done/shard-{k:06d}.json"
+        store.write_json(marker, record)  # the commit marker: after every array is written
+        return record
+
+
+def _unread_keys(store: Store, name: str, seen: list[str], pos: int) -> list[str]:
+    """Keys of clip shard `name` after the first `pos` (from its shard record), or [""] if unknown."""
+    record = name.removesuffix(".tar") + ".json"
+    keys = store.read_json(record).get("keys", []) if store.exists(record) else []
+    return keys[pos : len(seen)] if keys[:pos] == seen[:pos] and len(keys) > pos else [""]
+
+
+def _prepare(group: Any, attrs: dict[str, Any], code_dtype: str, url: str) -> None:
+    """Create the arrays and attributes, or check that an existing store has the same layout."""
+    old = dict(group.attrs)
+    differ = [k for k in _LAYOUT_KEYS if old and old.get(k) != attrs[k]]
+    if differ:
+        raise TokensError(
+            f"{url} holds tokens of another data set or layout ({', '.join(differ)} differ): delete it to rebuild"
+        )
+    if not old:
+        group.attrs.update({**attrs, "complete": False})
+    n, s, grid = attrs["num_rows"], attrs["rows_per_shard"], attrs["grid"]
+    per_sample = dict(shape=(n, *grid), chunks=(1, *grid), shards=(s, *grid))
+    specs = {
+        "codes": dict(per_sample, dtype=code_dtype, fill_value=-1),
+        "priority": dict(per_sample, dtype="float16", fill_value=0),
+        "keys": dict(shape=(n,), chunks=(s,), dtype=str, fill_value=""),
+        "valid": dict(shape=(n,), chunks=(s,), dtype=bool, fill_value=False),
+    }
+    for name, spec in specs.items():
+        if name not in group:  # by name: listing the group would trip over _done/ and errors.jsonl
+            group.create_array(name, **spec)
+
+
+def ingest_tokens(
+    dataset_url: str,
+    tokenizer_dir: str,
+    batch_size: int = 8,
+    device: str = "auto",
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    workers: int = 1,
+    strict: bool = False,
+) -> TokensSummary:
+    """Tokenize (or finish tokenizing) every clip of a data set; see the module docstring.
+
+    workers: threads decoding clips ahead of the tokenizer. strict: fail on the first bad sample.
+    """
+    from tqdm import tqdm
+
+    from lvmae.tokenizer import load_tokenizer, tokenizer_id
+
+    if batch_size < 1 or workers < 1:
+        raise TokensError("batch size and workers must be >= 1")
+    started = time.perf_counter()
+    store = Store(dataset_url, storage_options)
+    if not store.exists("index.json"):
+        raise TokensError(
+            f"{store.url} is not a complete data set (no index.json): run lvmae ingest clips first"
+        )
+    index = store.read_json("index.json")
+    shards = sorted((_shard_number(s["name"]), s["name"], s["samples"]) for s in index["shards"])
+    if not shards or max(s[2] for s in shards) == 0:
+        raise TokensError(f"{store.url} holds no samples")
+    dev = _device(device)
+    try:
+        model = load_tokenizer(tokenizer_dir, device=dev)
+    except ValueError as err:
+        raise TokensError(str(err)) from None
+    cfg = model.cfg
+    _check_geometry(cfg.video, index["clip_spec"], tokenizer_dir, store.url)
+    model.eval().requires_grad_(False)
+    tid = tokenizer_id(model)
+    s = max(n for _, _, n in shards)
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_id": tid,
+        "quantizer": cfg.quantizer,
+        "fsq_levels": list(cfg.fsq_levels) if cfg.quantizer == "fsq" else None,
+        "codebook_size": cfg.codebook_size,
+        "grid": list(cfg.video.grid),
+        "tubelet": [cfg.video.tubelet_size, cfg.video.patch_size, cfg.video.patch_size],
+        "rows_per_shard": s,
+        "num_rows": (shards[-1][0] + 1) * s,
+        "num_clip_shards": len(shards),
+        "source_plan": index["plan"],
+        "clip_spec": index["clip_spec"],
+    }
+    code_dtype = "int16" if cfg.codebook_size <= 1 << 15 else "int32"
+    base = f"tokens/{tid}"
+    group = open_tokens(store, base, read_only=False)
+    _prepare(group, attrs, code_dtype, store.uri(base))
+
+    summary = TokensSummary(store=store.uri(base), tokenizer_id=tid, device=dev, shards=len(shards))
+    done = set(store.list(f"{base}/_done"))
+    todo = [(k, name, n) for k, name, n in shards if f"shard-{k:06d}.json" not in done]
+    summary.shards_skipped = len(shards) - len(todo)
+    if todo and group.attrs.get("complete"):
+        group.attrs["complete"] = False  # being changed: not complete until every shard is done again
+    bar = tqdm(total=sum(n for _, _, n in todo), desc="tokens", unit="clip", disable=not progress)
+    run = _Run(store, group, model, attrs, dev, code_dtype, bar, batch_size, workers, strict)
+    try:
+        for k, name, _ in todo:
+            record = run.shard(k, name)
+            summary.clips += record["samples"]
+            summary.skipped += len(record["errors"])
+            summary.errors += record["errors"]
+    finally:
+        bar.close()
+
+    if todo or not group.attrs.get("complete"):
+        records = [store.read_json(f"{base}/_done/shard-{k:06d}.json") for k, _, _ in shards]
+        errors = [e for r in records for e in r["errors"]]
+        store.write_bytes(
+            f"{base}/errors.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode()
+        )
+        num_valid = sum(r["samples"] for r in records)
+        group.attrs.update({"complete": True, "num_samples": num_valid, "num_errors": len(errors)})
+    summary.complete = True
+    summary.num_valid = int(group.attrs["num_samples"])
+    summary.seconds = round(time.perf_counter() - started, 2)
+    return summary

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lvmae.config import MAEConfig
 from lvmae.fsq import codes_to_digits
 from lvmae.mae import MAEOutput
-from lvmae.tubelets import normalize_tubelets, patchify, pixel_targets
+from lvmae.tubelets import gather_tubelets, normalize_tubelets, pixel_targets
 
 
 def _weighted_mean(per_token: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -64,8 +64,7 @@ def mae_loss(
             raise ValueError("pixel targets need the video")
         t, p = cfg.video.tubelet_size, cfg.video.patch_size
         # Only the selected tubelets are normalized: the cost follows the decoder budget.
-        raw = patchify(video, t, p)
-        target = raw.gather(1, plan.ids_selected[..., None].expand(-1, -1, raw.shape[-1]))
+        target = gather_tubelets(video, plan.ids_selected, t, p)  # (B, N_sel, t*p*p*C)
         target = normalize_tubelets(target, t, p) if tgt.norm_pix else target.float()
         return pixel_loss(out.pred, target, weight)
     if codes is None:

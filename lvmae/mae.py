@@ -1,7 +1,7 @@
 """The video ViT encoder and the masked autoencoder (VideoMAE encoder masking + LVMAE decoder masking).
 
 The decoder's input is the encoded visible tokens plus mask tokens at the decoder-selected positions
-only, so its cost follows the decoder budget, not the clip length. The model returns predictions and
+only, so its cost scales with the decoder budget instead of with every masked token. The model returns predictions and
 masks; losses are functions in `lvmae.losses`.
 """
 
@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lvmae.config import MAEConfig, VideoSpec
 from lvmae.masking import MaskPlan, plan_masks
 from lvmae.pos_embed import sincos_3d
+from lvmae.tubelets import gather_tubelets
 from lvmae.vit import Transformer, init_weights
 
 
@@ -24,15 +26,27 @@ def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class TubeletEmbed(nn.Module):
-    """(B, C, T, H, W) -> (B, N, D): one linear map per t x p x p tubelet (a strided Conv3d)."""
+    """One linear map per t x p x p tubelet, held as a strided Conv3d (the usual checkpoint layout)."""
 
     def __init__(self, video: VideoSpec, dim: int):
         super().__init__()
-        t, p = video.tubelet_size, video.patch_size
-        self.proj = nn.Conv3d(video.in_chans, dim, kernel_size=(t, p, p), stride=(t, p, p))
+        self.t, self.p = video.tubelet_size, video.patch_size
+        self.proj = nn.Conv3d(
+            video.in_chans, dim, kernel_size=(self.t, self.p, self.p), stride=(self.t, self.p, self.p)
+        )
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.proj(video).flatten(2).transpose(1, 2)
+    def forward(self, video: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, N, D) for every token, or (B, K, D) for the tokens `ids` (B, K) only.
+
+        With ids, only those tubelets are cut out and projected: the encoder sees 10% of a clip, so
+        embedding the other 90% would be wasted work and memory.
+        """
+        if ids is None:
+            return self.proj(video).flatten(2).transpose(1, 2)
+        w = self.proj.weight  # (D, C, t, p, p) -> (D, t*p*p*C), patchify's value order
+        return F.linear(
+            gather_tubelets(video, ids, self.t, self.p), w.permute(0, 2, 3, 4, 1).flatten(1), self.proj.bias
+        )
 
 
 class VideoViT(nn.Module):
@@ -69,10 +83,10 @@ class VideoViT(nn.Module):
     def forward(self, video: torch.Tensor, ids_visible: torch.Tensor | None = None) -> torch.Tensor:
         """video (B, C, T, H, W), ids_visible (B, N_vis) or None for all tokens -> (B, N_vis, D)."""
         self.check_input(video)
-        x = self.patch_embed(video) + self.pos_embed.to(video.dtype)  # (B, N, D)
+        pos = self.pos_embed.to(video.dtype).expand(video.shape[0], -1, -1)  # (B, N, D)
         if ids_visible is not None:
-            x = _gather(x, ids_visible)  # (B, N_vis, D)
-        return self.transformer(x)
+            pos = _gather(pos, ids_visible)  # (B, N_vis, D)
+        return self.transformer(self.patch_embed(video, ids_visible) + pos)
 
 
 def output_dim(cfg: MAEConfig) -> int:

@@ -44,3 +44,19 @@ def pixel_targets(video: torch.Tensor, t: int, p: int, norm: bool = True) -> tor
     """Pixel reconstruction targets for every token: (B, C, T, H, W) -> (B, N, t*p*p*C)."""
     x = patchify(video, t, p)
     return normalize_tubelets(x, t, p) if norm else x.float()
+
+
+def gather_tubelets(video: torch.Tensor, ids: torch.Tensor, t: int, p: int) -> torch.Tensor:
+    """The tubelets `ids` of a clip, without patchifying the rest: equal to patchify(video)[b, ids[b]].
+
+    video: (B, C, T, H, W), ids: (B, K) token numbers in patchify order -> (B, K, t*p*p*C).
+    Only the K selected tubelets are copied, so the cost follows K, not the clip length.
+    """
+    b, c, T, H, W = video.shape
+    gh, gw = H // p, W // p
+    x = video.view(b, c, T // t, t, gh, p, gw, p).permute(
+        0, 2, 4, 6, 3, 5, 7, 1
+    )  # (B, T', H', W', t, p, p, C)
+    rows = torch.arange(b, device=ids.device)[:, None]
+    picked = x[rows, ids // (gh * gw), (ids // gw) % gh, ids % gw]  # (B, K, t, p, p, C)
+    return picked.reshape(b, ids.shape[1], t * p * p * c)

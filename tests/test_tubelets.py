@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lvmae.pos_embed import sincos_3d
-from lvmae.tubelets import normalize_tubelets, patchify, pixel_targets, unpatchify
+from lvmae.tubelets import gather_tubelets, normalize_tubelets, patchify, pixel_targets, unpatchify
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,22 @@ def test_sincos_3d_shape_and_uniqueness():
     assert torch.cdist(pos, pos).add(torch.eye(pos.shape[0]) * 1e3).min() > 1e-3
     with pytest.raises(ValueError):
         sincos_3d(97, grid)
+
+
+def test_gather_tubelets_equals_patchify_then_gather():
+    video = torch.randn(2, 3, 8, 32, 48)
+    ids = torch.stack([torch.randperm(4 * 2 * 3)[:7] for _ in range(2)])
+    full = patchify(video, 2, 16)
+    expected = full.gather(1, ids[..., None].expand(-1, -1, full.shape[-1]))
+    assert torch.equal(gather_tubelets(video, ids, 2, 16), expected)
+
+
+def test_embedding_only_the_visible_tubelets_matches_the_convolution():
+    from lvmae.config import VideoSpec
+    from lvmae.mae import TubeletEmbed
+
+    embed = TubeletEmbed(VideoSpec(num_frames=8, img_size=32, patch_size=16), 24)
+    video = torch.randn(2, 3, 8, 32, 32)
+    ids = torch.tensor([[0, 5, 9], [2, 3, 15]])
+    full = embed(video)
+    assert torch.allclose(embed(video, ids), full.gather(1, ids[..., None].expand(-1, -1, 24)), atol=1e-5)

@@ -48,6 +48,22 @@ def metrics_exporter(port: int | None, addr: str = "127.0.0.1"):
     return on_progress
 
 
+def _storage_options(text: str | None) -> dict | None:
+    from lvmae.errors import UserError
+
+    try:
+        return json.loads(text) if text else None
+    except ValueError as err:
+        raise UserError(f"--storage-options is not JSON: {err}") from None
+
+
+def _print_skipped(errors: list[dict], name, limit: int = 10) -> None:
+    for e in errors[:limit]:
+        print(f"  skipped {name(e)}: {e['reason']}: {e['detail']}")
+    if len(errors) > limit:
+        print(f"  ... and {len(errors) - limit} more (all in errors.jsonl)")
+
+
 def cmd_clips(args: argparse.Namespace) -> int:
     from ingest.clips import IngestError, ingest_clips
     from ingest.sources import SourceError
@@ -68,7 +84,7 @@ def cmd_clips(args: argparse.Namespace) -> int:
         num_nodes=args.num_nodes,
         node_rank=args.node_rank,
         strict=args.strict,
-        storage_options=json.loads(args.storage_options) if args.storage_options else {},
+        storage_options=_storage_options(args.storage_options) or {},
     )
     try:
         summary = ingest_clips(
@@ -86,10 +102,7 @@ def cmd_clips(args: argparse.Namespace) -> int:
         f"this run wrote {s.samples_written} clips ({s.bytes_written / 1e6:.1f} MB, {s.clip_errors} clip errors, "
         f"{s.shards_skipped} shards already done) in {s.seconds:.1f} s"
     )
-    for e in s.errors[:10]:
-        print(f"  skipped {e['source']}: {e['reason']}: {e['detail']}")
-    if len(s.errors) > 10:
-        print(f"  ... and {len(s.errors) - 10} more")
+    _print_skipped(s.errors, lambda e: e["source"])
     if s.index_written:
         print(
             f"data set complete: {s.num_samples} clips, {args.out.rstrip('/')}/index.json (errors: errors.jsonl)"
@@ -109,10 +122,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from ingest.tokens import TokensError, ingest_tokens
     from lvmae.errors import UserError
 
-    try:
-        options = json.loads(args.storage_options) if args.storage_options else None
-    except ValueError as err:
-        raise UserError(f"--storage-options is not JSON: {err}") from None
+    options = _storage_options(args.storage_options)
     try:
         s = ingest_tokens(
             args.dataset,
@@ -130,10 +140,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         f"tokens: {s.clips} clips tokenized, {s.skipped} skipped ({s.shards_skipped} of {s.shards} shards "
         f"already done) in {s.seconds:.1f} s on {s.device}"
     )
-    for e in s.errors[:10]:
-        print(f"  skipped {e['key']} ({e['shard']}): {e['reason']}: {e['detail']}")
-    if len(s.errors) > 10:
-        print(f"  ... and {len(s.errors) - 10} more")
+    _print_skipped(s.errors, lambda e: f"{e['key']} ({e['shard']})")
     print(f"token store complete: {s.store} ({s.num_valid} clips; errors: errors.jsonl)")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -72,17 +73,14 @@ class Store:
         if not self.local:
             self.fs.pipe_file(self.path(rel), data)
             return
-        tmp = f"{self.path(rel)}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+
+        def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path(rel))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        self._replace_local(rel, fill)
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
@@ -93,11 +91,19 @@ class Store:
         if not self.local:
             self.fs.put_file(local_path, self.path(rel))
             return
-        tmp = f"{self.path(rel)}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+
+        def fill(tmp: str) -> None:
             self.fs.cp_file(local_path, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+
+        self._replace_local(rel, fill)
+
+    def _replace_local(self, rel: str, fill: Callable[[str], None]) -> None:
+        """fill(a temporary name beside `rel`), then rename it over `rel`; no temporary is left behind."""
+        tmp = f"{self.path(rel)}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            fill(tmp)
             os.replace(tmp, self.path(rel))
         except BaseException:
             if os.path.exists(tmp):

@@ -40,7 +40,7 @@ format: venv
 
 demo: venv
 	$(BIN)/lvmae info
-	$(BIN)/python -m lvmae.demo --out demo-out
+	$(BIN)/python -m train.demo --out demo-out
 
 bench: venv
 	$(BIN)/python bench/fig1_memory.py

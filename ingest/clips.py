@@ -91,6 +91,7 @@ def sample_metadata(clip: Clip, spec: ClipSpec, data: bytes) -> dict[str, Any]:
         "key": clip.key,
         "source": clip.uri,
         "start_frame": clip.start,
+        "start_seconds": round(clip.start / clip.src_fps, 6),
         "frame_step": clip.step,
         "num_frames": clip.num_frames,
         "fps": clip.out_fps,

@@ -74,7 +74,7 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> li
             raise SourceError(f"{url}: row {n} has no {' / '.join(PATH_COLUMNS)} column")
         ref = str(row[column])
         if "://" not in ref and not posixpath.isabs(ref):
-            ref = _full_uri(fs, posixpath.join(base, ref))
+            ref = _full_uri(fs, posixpath.normpath(posixpath.join(base, ref)))
         label = row.get("label")
         meta = {k: v for k, v in row.items() if k not in (column, "label")}
         out.append(Source(ref, None if label in (None, "") else str(label), meta))

@@ -252,3 +252,19 @@ def test_object_storage_sources_and_output(s3_bucket, sample_dir, sample_dataset
         first_json = next(m for m in shard.getmembers() if m.name.endswith(".json"))
         meta = json.loads(shard.extractfile(first_json).read())
     assert meta["source"] == f"{url}/raw/bikes.mp4" and meta["key"] == sample_key(meta["source"], 0)
+
+
+def test_h264_option_writes_mp4_clips(sample_videos, tmp_path):
+    out = tmp_path / "h264"
+    ingest_clips(
+        [str(sample_videos["carphone_pristine"])], str(out), cfg(codec="h264", shard_clips=8), progress=False
+    )
+    index = json.loads((out / "index.json").read_text())
+    assert index["clip_spec"]["codec"] == "h264" and index["clip_spec"]["extension"] == "mp4"
+    samples = list(wds.WebDataset(str(out / index["shards"][0]["name"]), shardshuffle=False))
+    assert len(samples) == 3
+    meta = json.loads(samples[1]["json"])
+    assert meta["start_frame"] == 32 and meta["start_seconds"] == pytest.approx(32 / (30000 / 1001))
+    with av.open(io.BytesIO(samples[0]["mp4"])) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+        assert sum(1 for _ in c.decode(video=0)) == 32

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint format demo bench clean help
+.PHONY: venv tools test lint format demo bench clean help
 
 help:
 	@echo "make demo   - run the end-to-end demo on the embedded default (CPU, local store)"
@@ -25,8 +25,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Debian's Prometheus server and promtool, for the monitoring tests (installed when we are root).
+tools:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "note: prometheus is not installed (apt-get install prometheus); its tests will be skipped"; fi; }
+
 # pytest exits 5 when it collected no tests: that must fail, never pass by accident.
-test: venv
+test: venv tools
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests" >&2; exit 1; fi; exit $$rc
 

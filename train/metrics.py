@@ -1,0 +1,141 @@
+"""Training metrics through one small interface; Prometheus is its exporter.
+
+Each rank serves its own registry on port_base + rank (127.0.0.1 unless configured) and the run writes a
+Prometheus file-SD target list naming every rank, so ops/prometheus.yml finds them. Names follow
+Prometheus conventions: the `lvmae_` prefix, `_total` counters, units in the name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+TARGETS_DIR = "prometheus-targets"  # under the runs folder: ops/prometheus.yml reads TARGETS_DIR/*.json
+
+
+def peak_memory_bytes() -> tuple[str, int]:
+    """("cuda", peak allocated bytes) when CUDA is in use, else ("rss", the process's peak RSS)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return "cuda", int(torch.cuda.max_memory_allocated())
+    except ImportError:  # metrics also serve processes without torch
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return "rss", int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+class TrainMetrics:
+    """Figures of one rank. Call `step(...)` once per optimizer step and `loader(...)` with loader stats."""
+
+    def __init__(self, rank: int = 0, registry: CollectorRegistry | None = None):
+        self.rank = rank
+        r = self.registry = registry or CollectorRegistry()
+        self.steps = Counter("lvmae_train_steps", "Optimizer steps taken", registry=r)
+        self.samples = Counter("lvmae_train_samples", "Clips trained on", registry=r)
+        self.tokens = Counter("lvmae_train_tokens", "Tokens in the clips trained on", registry=r)
+        self.step_seconds = Counter("lvmae_train_step_seconds", "Wall time in training steps", registry=r)
+        self.wait_seconds = Counter(
+            "lvmae_train_data_wait_seconds", "Step time spent waiting for data", registry=r
+        )
+        self.compute_seconds = Counter("lvmae_train_compute_seconds", "Step time spent computing", registry=r)
+        self.nonfinite = Counter(
+            "lvmae_train_nonfinite_loss", "Steps whose loss was NaN or infinite", registry=r
+        )
+        self.loss = Gauge("lvmae_train_loss", "Loss of the last step", registry=r)
+        self.lr = Gauge("lvmae_train_learning_rate", "Learning rate of the last step", registry=r)
+        self.grad_norm = Gauge("lvmae_train_grad_norm", "Gradient norm of the last step", registry=r)
+        self.last_step = Gauge(
+            "lvmae_train_last_step_timestamp_seconds", "Unix time of the last step", registry=r
+        )
+        self.peak_memory = Gauge(
+            "lvmae_train_peak_memory_bytes", "Peak memory (CUDA or RSS)", ["kind"], registry=r
+        )
+        self.queue_depth = Gauge("lvmae_loader_queue_depth", "Batches ready in the loader queue", registry=r)
+        self.frames = Counter("lvmae_loader_decoded_frames", "Frames decoded by the loader", registry=r)
+        self.read_bytes = Counter("lvmae_loader_read_bytes", "Bytes read from the store", registry=r)
+        self.retries = Counter("lvmae_loader_retries", "Store reads retried", registry=r)
+        self.errors = Counter("lvmae_loader_errors", "Store reads that failed after retries", registry=r)
+        self.skipped = Counter(
+            "lvmae_loader_skipped_samples", "Corrupt or invalid samples skipped", registry=r
+        )
+        self._loader_seen: dict[str, float] = {}
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
+
+    def step(
+        self,
+        *,
+        samples: int,
+        tokens: int,
+        data_wait_s: float,
+        compute_s: float,
+        loss: float,
+        lr: float,
+        grad_norm: float | None = None,
+    ) -> None:
+        self.steps.inc()
+        self.samples.inc(samples)
+        self.tokens.inc(tokens)
+        self.wait_seconds.inc(data_wait_s)
+        self.compute_seconds.inc(compute_s)
+        self.step_seconds.inc(data_wait_s + compute_s)
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            self.nonfinite.inc()
+        self.loss.set(loss)
+        self.lr.set(lr)
+        if grad_norm is not None:
+            self.grad_norm.set(grad_norm)
+        self.last_step.set(time.time())
+        kind, peak = peak_memory_bytes()
+        self.peak_memory.labels(kind).set(peak)
+
+    def loader(
+        self,
+        *,
+        queue_depth: int | None = None,
+        frames: int = 0,
+        read_bytes: int = 0,
+        retries: int = 0,
+        errors: int = 0,
+        skipped: int = 0,
+    ) -> None:
+        """Cumulative loader figures (as the loader's stats hold them): only the increase is added."""
+        if queue_depth is not None:
+            self.queue_depth.set(queue_depth)
+        for name, total, counter in (
+            ("frames", frames, self.frames),
+            ("read_bytes", read_bytes, self.read_bytes),
+            ("retries", retries, self.retries),
+            ("errors", errors, self.errors),
+            ("skipped", skipped, self.skipped),
+        ):
+            delta = total - self._loader_seen.get(name, 0)
+            if delta > 0:
+                counter.inc(delta)
+                self._loader_seen[name] = total
+
+
+def write_targets(
+    runs_dir: str | os.PathLike[str], run: str, ports: list[int], host: str = "127.0.0.1"
+) -> Path:
+    """RUNS/prometheus-targets/RUN.json, the run's file-SD target list: one target per rank, labelled
+    with run and rank (Prometheus globs only the last path component, hence one folder for all runs)."""
+    entries = [
+        {"targets": [f"{host}:{port}"], "labels": {"run": run, "rank": str(rank)}}
+        for rank, port in enumerate(ports)
+    ]
+    path = Path(runs_dir) / TARGETS_DIR / f"{run}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=1) + "\n")
+    os.replace(tmp, path)  # Prometheus re-reads the file on change: never let it see half of one
+    return path

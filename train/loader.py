@@ -1,0 +1,384 @@
+"""The training loader: clip shards (local or s3://) -> batches of decoded clips, with exact mid-epoch resume.
+
+A chain of small generator stages (webdataset style), each usable on a plain list:
+
+    shard_order (seeded by seed + epoch, same on every rank) -> split_by_rank (round robin)
+    -> read_shards (fsspec stream, bounded retries) -> tar_samples (KEY.webm + KEY.json grouped)
+    -> shuffle (seeded buffer) -> [skip `consumed` on resume] -> decode_batches (bad clips skipped,
+    batch refilled) -> token join (codes, priority; invalid rows skipped before decoding)
+
+One process per rank: decoding is parallel inside DALI (its threads), not across DataLoader workers.
+
+Resume (mosaicml/streaming's contract, by replay): the state is (epoch, consumed, batches), where consumed
+counts the samples this rank has drawn from its shuffled stream up to the last batch it handed out (bad and
+token-less samples included). Shard order and shuffle buffer are pure functions of (seed, epoch, rank), and
+skipping is deterministic, so load_state_dict rebuilds them and skips `consumed` samples at the bytes level
+(read, never decoded), then yields exactly what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from ingest.storage import Store
+
+Sample = tuple[str, dict[str, bytes]]  # (KEY, {extension: bytes})
+
+
+class LoaderError(Exception):
+    """The loader cannot start or go on (no data set, too few shards, an unreachable store): a user error."""
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    """OSError (fsspec, s3fs translate most failures to it) and botocore's own errors, where installed."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+def shard_order(shards: list[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's shard order: a permutation seeded by seed + epoch, the same on every rank."""
+    gen = torch.Generator().manual_seed(seed + epoch)
+    return [shards[i] for i in torch.randperm(len(shards), generator=gen).tolist()]
+
+
+def split_by_rank(items: list[str], rank: int, world_size: int) -> list[str]:
+    """Round robin over the (shuffled) list: ranks get disjoint shards that cover it."""
+    if len(items) < world_size:
+        raise LoaderError(
+            f"cannot split {len(items)} shards over {world_size} ranks: every rank needs at least one shard; "
+            "ingest with smaller shards (shard_clips / shard_bytes) or train on fewer ranks"
+        )
+    return items[rank::world_size]
+
+
+def tar_samples(fileobj: IO[bytes]) -> Iterator[Sample]:
+    """(KEY, {extension: bytes}) per sample in tar order; consecutive members with one KEY form a sample."""
+    key, parts = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+            if k != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = k, {}
+            parts[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if key is not None:
+        yield key, parts
+
+
+def read_shards(
+    names: Iterable[str], open_shard: Callable[[str], IO[bytes]], retries: int, stats: dict[str, float]
+) -> Iterator[Sample]:
+    """The samples of each shard in turn, streamed. A read that fails (OSError, botocore) re-opens the shard
+    and skips the samples already given, up to `retries` times per shard (counted in stats["retries"]).
+    A cut-off stream can look like a damaged tar, so tar errors are retried too; a tar still damaged after
+    the retries ends its shard (counted in stats["bad_shards"]) and the next shard follows."""
+    retryable = (*_retryable(), tarfile.TarError, EOFError)
+    for name in names:
+        given, attempt = 0, 0
+        while True:
+            try:
+                with open_shard(name) as f:
+                    for i, (key, parts) in enumerate(tar_samples(f)):
+                        if i < given:
+                            continue
+                        stats["bytes_read"] += sum(len(v) for v in parts.values())
+                        given += 1
+                        yield key, parts
+                break
+            except retryable as err:
+                if attempt >= retries and isinstance(err, (tarfile.TarError, EOFError)):
+                    stats["bad_shards"] += 1
+                    break
+                if attempt >= retries:
+                    raise LoaderError(f"reading shard {name} failed {attempt + 1} times: {err}") from err
+                attempt += 1
+                stats["retries"] += 1
+                time.sleep(min(0.1 * 2**attempt, 2.0))
+
+
+def shuffle(samples: Iterable[Any], buffer_size: int, gen: np.random.Generator) -> Iterator[Any]:
+    """A seeded shuffle buffer: fill `buffer_size` items, then give a random one for each new one."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buf: list[Any] = []
+    for item in samples:
+        if len(buf) < buffer_size:
+            buf.append(item)
+            continue
+        i = int(gen.integers(len(buf)))
+        yield buf[i]
+        buf[i] = item
+    for i in gen.permutation(len(buf)).tolist():
+        yield buf[i]
+
+
+_END = object()  # the read-ahead thread's last item, after the stream (or beside the error that ended it)
+
+
+def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """The same items in the same order, read ahead by a thread (up to `depth` waiting): shard bytes stream
+    in while the caller decodes. An error in the reader is raised here, at the item where it happened."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put((_END, None))
+        except BaseException as err:  # handed to the consumer, which re-raises it with its traceback
+            put((_END, err))
+
+    thread = threading.Thread(target=work, name="lvmae-loader-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, tuple) and len(item) == 2 and item[0] is _END:
+                if item[1] is not None:
+                    raise item[1]
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def counted(items: Iterable[Any], counter: list[int]) -> Iterator[Any]:
+    """Pass items through, counting them in counter[0] (how far the stream has been drawn)."""
+    for item in items:
+        counter[0] += 1
+        yield item
+
+
+def decode_batches(
+    samples: Iterable[Sample],
+    decode: Callable[[list[bytes]], tuple[torch.Tensor, list[int]]],
+    batch_size: int,
+    ext: str,
+    drop_last: bool,
+    stats: dict[str, float],
+    keep: Callable[[str], bool] = lambda key: True,
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(clips (B, ...), keys): samples that `keep` rejects, that lack the clip, or that the decoder reports
+    bad are skipped (stats["skipped"]) and the batch is refilled from the stream, so batches stay full."""
+    it = iter(samples)
+    done: list[torch.Tensor] = []
+    keys: list[str] = []
+    while True:
+        want, pending, started = batch_size - len(keys), [], time.perf_counter()
+        for key, parts in it:
+            if ext not in parts or not keep(key):
+                stats["skipped"] += 1
+                continue
+            pending.append((key, parts[ext]))
+            if len(pending) == want:
+                break
+        stats["wait_seconds"] += time.perf_counter() - started
+        if len(pending) < want and drop_last:  # the stream has ended and cannot fill this batch
+            return
+        if pending:
+            started = time.perf_counter()
+            clips, bad = decode([data for _, data in pending])
+            stats["decode_seconds"] += time.perf_counter() - started
+            stats["skipped"] += len(bad)
+            done.append(clips)
+            bad_set = set(bad)
+            keys += [k for i, (k, _) in enumerate(pending) if i not in bad_set]
+        if len(keys) == batch_size or (len(pending) < want and keys and not drop_last):
+            yield torch.cat(done) if len(done) > 1 else done[0], keys
+            done, keys = [], []
+        if len(pending) < want:  # the stream has ended
+            return
+
+
+class TokenJoin:
+    """Codes and priority of samples by KEY from a token store `tokens/<id>/` (key -> row map built once)."""
+
+    def __init__(self, store: Store, tokenizer_id: str):
+        from ingest.tokens import open_tokens
+
+        try:
+            self.group = open_tokens(store, f"tokens/{tokenizer_id}")
+        except FileNotFoundError as err:
+            raise LoaderError(f"no token store {store.uri(f'tokens/{tokenizer_id}')}") from err
+        if not self.group.attrs.get("complete"):
+            raise LoaderError(
+                f"token store {store.uri(f'tokens/{tokenizer_id}')} is incomplete: finish ingest"
+            )
+        keys, valid = self.group["keys"][:], self.group["valid"][:]
+        self.rows = {str(k): i for i, (k, v) in enumerate(zip(keys, valid)) if v and k}
+
+    def has(self, key: str) -> bool:
+        return key in self.rows
+
+    def __call__(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> codes (B, T', H', W') int64, priority (B, T', H', W') float32, in the order of `keys`."""
+        rows = [self.rows[k] for k in keys]
+        codes, priority = self.group["codes"].oindex[rows], self.group["priority"].oindex[rows]
+        return torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(priority.astype(np.float32))
+
+
+class ClipLoader:
+    """Batches {"video" (B, 3, T, H, W) float, "keys", "codes"?, "priority"?, "epoch"} from a clip data set.
+
+    seed: shard order uses seed + epoch (all ranks alike); the shuffle buffer uses (seed, epoch, rank).
+    tokens: a tokenizer id: join codes and priority from `tokens/<id>/`; rows not valid there are skipped.
+    decoder: "auto" (DALI where installed), "dali" or "pyav"; decoder_kwargs go to make_clip_decoder.
+    epochs: stop after this epoch number (exclusive); None iterates forever.
+    prefetch: samples read ahead by a thread while the caller decodes (0: none); default 2 x batch_size.
+    even_batches: every rank yields the same number of (full) batches per epoch, min over ranks of
+    (its samples in index.json // batch_size), so that collectives do not hang at an epoch's end; on by
+    default when world_size > 1. Samples skipped as bad can still leave a rank short of that number.
+    """
+
+    def __init__(
+        self,
+        dataset_url: str,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 64,
+        tokens: str | None = None,
+        decoder: str = "auto",
+        storage_options: dict[str, Any] | None = None,
+        retries: int = 3,
+        drop_last: bool = True,
+        epochs: int | None = None,
+        prefetch: int | None = None,
+        even_batches: bool | None = None,
+        decoder_kwargs: dict[str, Any] | None = None,
+    ):
+        if batch_size < 1 or not 0 <= rank < world_size or retries < 0:
+            raise LoaderError(
+                f"bad loader settings: batch_size={batch_size}, rank={rank} of world_size={world_size}, "
+                f"retries={retries}"
+            )
+        self.store = Store(dataset_url, storage_options)
+        try:
+            index = self.store.read_json("index.json")
+        except FileNotFoundError:
+            raise LoaderError(f"{self.store.url} is not a complete data set (no index.json)") from None
+        except OSError as err:
+            raise LoaderError(f"cannot read {self.store.uri('index.json')}: {err}") from err
+        self.shard_samples = {s["name"]: int(s["samples"]) for s in index["shards"] if s["samples"] > 0}
+        self.shards = list(self.shard_samples)
+        split_by_rank(self.shards, rank, world_size)  # fail now, not at the first batch
+        self.spec = index["clip_spec"]
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle_buffer, self.retries, self.drop_last = shuffle_buffer, retries, drop_last
+        self.epochs = epochs
+        self.prefetch = 2 * batch_size if prefetch is None else prefetch
+        self.even_batches = world_size > 1 if even_batches is None else even_batches
+        self.tokens = TokenJoin(self.store, tokens) if tokens else None
+        self.decoder_name, self.decoder_kwargs = decoder, decoder_kwargs or {}
+        self._decoder: Any = None
+        self.epoch, self.consumed, self.batches = 0, 0, 0  # batches: yielded in this epoch
+        self.stats: dict[str, float] = dict.fromkeys(
+            ("samples", "skipped", "retries", "bad_shards", "bytes_read", "decode_seconds", "wait_seconds"), 0
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank stands: after the last batch it yielded. JSON-able."""
+        names = ("epoch", "consumed", "batches", "seed", "rank", "world_size", "shuffle_buffer", "batch_size")
+        return {name: getattr(self, name) for name in names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` at the next batch. The order-defining settings must match."""
+        for name in ("seed", "rank", "world_size", "shuffle_buffer"):
+            if state.get(name, getattr(self, name)) != getattr(self, name):
+                raise LoaderError(
+                    f"loader state was saved with {name}={state[name]}, this loader has {getattr(self, name)}: "
+                    "resuming would not give the same samples"
+                )
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.batches = int(state.get("batches", 0))
+
+    def batches_per_epoch(self, epoch: int) -> int | None:
+        """With even_batches, the batches every rank yields in `epoch`; else None (as many as there are)."""
+        if not self.even_batches:
+            return None
+        order = shard_order(self.shards, self.seed, epoch)
+        per_rank = [
+            sum(self.shard_samples[n] for n in split_by_rank(order, r, self.world_size))
+            for r in range(self.world_size)
+        ]
+        return min(per_rank) // self.batch_size
+
+    def samples(self, epoch: int) -> Iterator[Sample]:
+        """This rank's samples of `epoch`, shuffled, as raw bytes: what replay skips through."""
+        names = split_by_rank(shard_order(self.shards, self.seed, epoch), self.rank, self.world_size)
+
+        def open_shard(name: str) -> IO[bytes]:
+            return self.store.fs.open(self.store.path(name), "rb")
+
+        gen = np.random.default_rng([self.seed, epoch, self.rank])
+        return shuffle(read_shards(names, open_shard, self.retries, self.stats), self.shuffle_buffer, gen)
+
+    def _decode(self, batch: list[bytes]) -> tuple[torch.Tensor, list[int]]:
+        if self._decoder is None:
+            from train.decode import make_clip_decoder
+
+            spec, kwargs = self.spec, self.decoder_kwargs
+            self._decoder = make_clip_decoder(
+                self.decoder_name, spec["num_frames"], spec["size"], self.batch_size, **kwargs
+            )
+        return self._decoder.decode(batch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        keep = self.tokens.has if self.tokens else (lambda key: True)
+        ext = self.spec.get("extension", "webm")
+        while self.epochs is None or self.epoch < self.epochs:
+            limit = self.batches_per_epoch(self.epoch)
+            drawn = [self.consumed]
+            # replay: the first `consumed` samples are read and dropped as bytes, never decoded
+            stream = prefetch(itertools.islice(self.samples(self.epoch), self.consumed, None), self.prefetch)
+            batches = decode_batches(
+                counted(stream, drawn), self._decode, self.batch_size, ext, self.drop_last, self.stats, keep
+            )
+            try:
+                while limit is None or self.batches < limit:
+                    video, keys = next(batches, (None, []))
+                    if video is None:
+                        break
+                    batch: dict[str, Any] = {"video": video, "keys": keys, "epoch": self.epoch}
+                    if self.tokens is not None:
+                        batch["codes"], batch["priority"] = self.tokens(keys)
+                    self.consumed, self.batches = drawn[0], self.batches + 1
+                    self.stats["samples"] += len(keys)
+                    yield batch
+            finally:  # the caller may stop early: end the read-ahead thread now, not at garbage collection
+                batches.close()
+                stream.close()
+            self.epoch, self.consumed, self.batches = self.epoch + 1, 0, 0

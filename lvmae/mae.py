@@ -7,7 +7,7 @@ masks; losses are functions in `lvmae.losses`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +99,10 @@ def output_dim(cfg: MAEConfig) -> int:
     return sum(tgt.fsq_levels)
 
 
-@dataclass
-class MAEOutput:
+class MAEOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 hooks the tensors a module returns only inside tuples,
+    NamedTuples and dicts, and without those hooks its backward meets still-partitioned parameters."""
+
     pred: torch.Tensor  # (B, N_sel, out_dim): predictions for plan.ids_selected, in that order
     plan: MaskPlan
 
@@ -130,11 +132,16 @@ class MaskedVideoAutoencoder(nn.Module):
             dec.grad_checkpointing,
         )
         self.head = nn.Linear(dec.embed_dim, output_dim(cfg))
-        self.apply(init_weights)
-        # MAE initializes the tubelet projection like a linear layer, and the mask token small.
-        w = self.encoder.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.mask_token, std=0.02)
+        # Through apply(): under DeepSpeed's zero.Init, parameters are already partitioned here and
+        # only apply() gathers each module's parameters for the function it runs.
+        self.apply(self._init_module)
+
+    def _init_module(self, module: nn.Module) -> None:
+        init_weights(module)
+        if isinstance(module, nn.Conv3d):  # MAE initializes the tubelet projection like a linear layer
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+        if module is self:
+            nn.init.normal_(self.mask_token, std=0.02)
 
     @property
     def grid(self) -> tuple[int, int, int]:

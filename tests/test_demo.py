@@ -5,7 +5,17 @@ import sys
 
 def test_demo_runs_end_to_end_with_few_steps(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "train.demo", "--out", str(out), "--tokenizer-steps", "3", "--mae-steps", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.demo",
+        "--out",
+        str(out),
+        "--tokenizer-steps",
+        "3",
+        "--mae-steps",
+        "3",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -70,7 +70,9 @@ def head_tail(xs: list[float]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
@@ -87,13 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Ingest (resumable: a re-run skips what is done).
     data = out / "data"
     spec = ClipSpec(num_frames=args.frames, size=args.size)
-    ingest = ingest_clips([str(p) for p in sample_videos().values()], str(data), IngestConfig(clip=spec, shard_clips=8))
+    ingest = ingest_clips(
+        [str(p) for p in sample_videos().values()], str(data), IngestConfig(clip=spec, shard_clips=8)
+    )
     keys, clips = read_dataset(data)
-    print(f"ingest: {ingest.num_samples} clips of {args.frames}x{args.size}x{args.size} in {ingest.shards} shards -> {data}")
+    print(
+        f"ingest: {ingest.num_samples} clips of {args.frames}x{args.size}x{args.size} in {ingest.shards} shards -> {data}"
+    )
 
     # 2. Tokenizer: learns codes and per-token priority jointly.
     video = VideoSpec(num_frames=args.frames, img_size=args.size)
-    tok_cfg = TokenizerConfig(video=video, base_channels=8, num_groups=4, fsq_levels=[8, 5, 5, 5], keep_ratio=0.25)
+    tok_cfg = TokenizerConfig(
+        video=video, base_channels=8, num_groups=4, fsq_levels=[8, 5, 5, 5], keep_ratio=0.25
+    )
     tokenizer = Tokenizer(tok_cfg)
     opt = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(args.seed)
@@ -159,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     m0, m1 = summary["mae_token_loss_first_last"]
     print(f"tokenizer {tid}: reconstruction MSE {t0:.4f} -> {t1:.4f}")
     print(f"LVMAE (adaptive decoder mask, 15% of tokens, token targets): loss {m0:.3f} -> {m1:.3f}")
-    print(f"artefacts in {out}/: data/ (shards, index, tokens), tokenizer/, mae.safetensors, mae.yaml, summary.json")
+    print(
+        f"artefacts in {out}/: data/ (shards, index, tokens), tokenizer/, mae.safetensors, mae.yaml, summary.json"
+    )
     print(f"done in {summary['seconds']} s")
     return 0
 

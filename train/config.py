@@ -1,0 +1,162 @@
+"""Typed training configuration: the OmegaConf structured schema that recipes in `configs/` merge onto.
+
+`load_train_config(["configs/demo_cpu.yaml"], ["optim.lr=1e-4"])` merges recipes in order, then dotted
+overrides, then validates. Unknown keys, wrong types and invalid values raise `ConfigError` naming the
+key (`run.precision: must be one of auto, fp32, bf16; got 'fp16'`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lvmae.config import ConfigError, MAEConfig, load_config
+
+DECODER_BACKENDS = ("auto", "dali", "pyav")
+PRECISIONS = ("auto", "fp32", "bf16")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(value: Any, key: str, choices: Sequence[Any]) -> None:
+    _check(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where clips (and, for token targets, the tokenizer's codes and priorities) stream from."""
+
+    url: str = "???"  # clip shards' data set root: a local path, file://, s3://, ...
+    # Tokenizer id of the token set (tokens/<id> in the data set: codes and priorities); None when neither
+    # the target nor the decoder masking needs tokens.
+    tokens: str | None = None
+    batch_size: int = 8  # per rank
+    shuffle_buffer: int = 256  # samples
+    decoder: str = "auto"  # clip decoder backend: auto (DALI where installed), dali, pyav
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec
+
+    def validate(self, prefix: str = "data") -> None:
+        _check(bool(self.url), f"{prefix}.url", "must name the data set")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be a positive integer")
+        _check(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", "must be >= 0")
+        _choice(self.decoder, f"{prefix}.decoder", DECODER_BACKENDS)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr (see train.engine.lr_at)."""
+
+    lr: float = 1.5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 1000
+    total_steps: int = 100_000
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def validate(self, prefix: str = "optim") -> None:
+        _check(self.lr > 0, f"{prefix}.lr", "must be positive")
+        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"{prefix}.betas",
+            f"needs two values in [0, 1); got {list(self.betas)}",
+        )
+        _check(self.total_steps >= 1, f"{prefix}.total_steps", "must be a positive integer")
+        _check(
+            0 <= self.warmup_steps <= self.total_steps,
+            f"{prefix}.warmup_steps",
+            f"must be in [0, total_steps={self.total_steps}]",
+        )
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """One training run: output, length, checkpoints, numerics, parallelism and metrics."""
+
+    out: str = "runs/default"
+    seed: int = 0
+    steps: int = 100_000  # optimizer steps this run trains to (may stop before optim.total_steps)
+    checkpoint_every: int = 1000  # steps; 0 saves only at the end
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    precision: str = "auto"  # auto: bf16 where CUDA supports it, else fp32
+    zero_stage: int = 3
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
+    metrics_port_base: int = 9400  # rank r serves Prometheus metrics on port base + r; 0 disables
+    metrics_addr: str = "127.0.0.1"
+    log_every: int = 10  # steps
+
+    def validate(self, prefix: str = "run") -> None:
+        _check(bool(self.out), f"{prefix}.out", "must name an output directory")
+        _check(self.steps >= 1, f"{prefix}.steps", "must be a positive integer")
+        _check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", "must be >= 0")
+        _check(self.keep_last >= 0, f"{prefix}.keep_last", "must be >= 0")
+        _choice(self.precision, f"{prefix}.precision", PRECISIONS)
+        _choice(self.zero_stage, f"{prefix}.zero_stage", ZERO_STAGES)
+        _check(
+            self.metrics_port_base == 0 or 1024 <= self.metrics_port_base <= 65535,
+            f"{prefix}.metrics_port_base",
+            f"must be 0 (off) or a port in [1024, 65535]; got {self.metrics_port_base}",
+        )
+        _check(bool(self.metrics_addr), f"{prefix}.metrics_addr", "must be an address")
+        _check(self.log_every >= 1, f"{prefix}.log_every", "must be a positive integer")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one pretraining run needs; saved, resolved, with every run and checkpoint."""
+
+    model: MAEConfig = field(default_factory=MAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.data.validate("data")
+        self.optim.validate("optim")
+        self.run.validate("run")
+        _check(
+            self.run.steps <= self.optim.total_steps,
+            "run.steps",
+            f"{self.run.steps} exceeds optim.total_steps {self.optim.total_steps} (the schedule's end)",
+        )
+        if self.model.target.kind == "tokens" or self.model.masking.decoder == "adaptive":
+            _check(
+                self.data.tokens is not None,
+                "data.tokens",
+                "token targets and adaptive decoder masking need a token set: the tokenizer id under tokens/",
+            )
+
+    def model_config(self) -> MAEConfig:
+        """The model config to build: the preset resolved, and run.activation_checkpointing applied."""
+        cfg = copy.deepcopy(self.model).resolved()
+        if self.run.activation_checkpointing:
+            cfg.encoder.grad_checkpointing = True
+            cfg.decoder.grad_checkpointing = True
+        return cfg
+
+
+def load_train_config(
+    recipe_paths: Iterable[str | Path | dict[str, Any]] = (), overrides: Sequence[str] = ()
+) -> TrainConfig:
+    """Merge recipes (YAML paths or dicts) in order and dotted overrides onto TrainConfig; validate."""
+    return load_config(TrainConfig, recipe_paths, overrides)
+
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_train_config",
+]

@@ -1,0 +1,174 @@
+"""The DeepSpeed engine and its config, built from a TrainConfig. The only module that imports deepspeed.
+
+    init_distributed()                          # once per process, before anything distributed
+    with model_init_context(cfg):               # ZeRO-3: parameters are partitioned as they are built
+        model = MaskedVideoAutoencoder(cfg.model_config())
+    engine, optimizer, scheduler = build_engine(model, cfg, world_size)
+    loss = mae_loss(...); engine.backward(loss); engine.step()   # clip, AdamW step, lr schedule
+
+The model knows nothing of parallelism; ZeRO stage, precision and clipping all come from
+`deepspeed_config(cfg, world_size)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from train.config import OptimConfig, TrainConfig
+
+# Parameters named like these are never weight-decayed (with biases and norm weights: anything 1-D).
+NO_DECAY_NAMES = ("pos_embed", "mask_token", "cls_token")
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate before optimizer step `step` (0-based): linear warmup from 0 to cfg.lr at
+    warmup_steps, then cosine decay to cfg.min_lr at total_steps, and min_lr after."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    decay_steps = cfg.total_steps - cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps) if decay_steps > 0 else 1.0
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _lr_factor(step: int, cfg: OptimConfig) -> float:
+    return lr_at(step, cfg) / cfg.lr
+
+
+def resolve_precision(precision: str) -> str:
+    """auto -> bf16 where CUDA supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for a training config; the optimizer and scheduler are client objects."""
+    stage = cfg.run.zero_stage
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": resolve_precision(cfg.run.precision) == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 1_000_000_000,  # our metrics report progress, not DeepSpeed's log
+        "wall_clock_breakdown": False,
+    }
+    if stage >= 2:
+        ds["zero_optimization"].update(
+            {
+                "overlap_comm": True,
+                "contiguous_gradients": True,
+                "reduce_bucket_size": 5e7,
+            }
+        )
+    if stage == 3:
+        ds["zero_optimization"].update(
+            {
+                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_param_persistence_threshold": 1e5,  # small params (norms, biases) stay whole
+                "stage3_max_live_parameters": 1e9,
+                "stage3_max_reuse_distance": 1e9,
+                # Checkpoints hold 16-bit shards plus one consolidated module state on rank 0.
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
+    return ds
+
+
+def model_init_context(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """Build the model inside this (after init_distributed): under ZeRO-3 each rank materializes only
+    its parameter shard, in the training dtype."""
+    if cfg.run.zero_stage != 3:
+        return contextlib.nullcontext()
+    # DeepSpeed checks train_batch_size against the process group's size.
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: biases, norm weights, position embeddings and mask tokens get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Under ZeRO-3 p is a partitioned placeholder; ds_shape is the full tensor's shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        skip = ndim <= 1 or any(key in name for key in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> tuple[Any, Any, LambdaLR]:
+    """-> (engine, optimizer, scheduler): a DeepSpeed engine over `model` with a client AdamW and the
+    warmup-cosine LambdaLR, stepped by `engine.step()`."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+    )
+    # A partial (not a closure) so that LambdaLR.state_dict can save and restore it.
+    scheduler = LambdaLR(optimizer, functools.partial(_lr_factor, cfg=o))
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size),
+    )
+    return engine, ds_optimizer, ds_scheduler
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `module`, whole, on the CPU (gathers ZeRO-3 shards; collective:
+    call on every rank)."""
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params)):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def default_extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled ops are cached: the repository's .cache/ in a checkout, else
+    ~/.cache/lvmae."""
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").exists() and os.access(repo, os.W_OK):
+        return repo / ".cache" / "torch_extensions"
+    return Path.home() / ".cache" / "lvmae" / "torch_extensions"
+
+
+def init_distributed() -> None:
+    """Join the process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...):
+    gloo on CPU, nccl on GPU. Call once per process, before model_init_context."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_extensions_dir()))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # The deepspeed launcher does not set it: ranks sharing the cores would oversubscribe them.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+__all__ = [
+    "build_engine",
+    "deepspeed_config",
+    "full_state_dict",
+    "init_distributed",
+    "lr_at",
+    "model_init_context",
+    "param_groups",
+    "resolve_precision",
+]

@@ -311,7 +311,7 @@ def load_config(
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
-        msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+        msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
     validate = getattr(obj, "validate", None)
     if validate is not None:

@@ -6,7 +6,7 @@ Latents are channel-last: z (..., d). Codes are integer ids in [0, codebook_size
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,8 +35,9 @@ def digits_to_codes(digits: torch.Tensor, levels: list[int]) -> torch.Tensor:
     return (digits.long() * basis).sum(-1)
 
 
-@dataclass
-class Quantized:
+class Quantized(NamedTuple):
+    """A NamedTuple so that DeepSpeed ZeRO-3's module hooks see the tensors (see lvmae.mae.MAEOutput)."""
+
     z_q: torch.Tensor  # (..., d) quantized latents, gradients pass straight through
     codes: torch.Tensor  # (...,) int64 code ids
     aux_loss: torch.Tensor  # scalar; zero for FSQ

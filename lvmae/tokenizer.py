@@ -16,10 +16,8 @@ import hashlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +27,7 @@ from torch import nn
 
 from lvmae.config import TokenizerConfig, load_config, to_dict
 from lvmae.fsq import FSQ, LFQ, Quantized
+from lvmae.weights import replace_atomically
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -163,8 +162,9 @@ def soft_topk_mask(scores: torch.Tensor, keep_ratio: float, temperature: float) 
     return hard + (soft - soft.detach())
 
 
-@dataclass
-class TokenizerOutput:
+class TokenizerOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 hooks a module's output tensors only inside tuples and dicts."""
+
     recon: torch.Tensor  # (B, C, T, H, W) unbounded reconstruction
     codes: torch.Tensor  # (B, T', H', W') int64 code ids
     priority: torch.Tensor  # (B, T', H', W') scores in (0, 1)
@@ -208,16 +208,30 @@ class Tokenizer(nn.Module):
         scores = torch.sigmoid(self.scorer(video).float())
         return q, scores
 
-    def forward(self, video: torch.Tensor) -> TokenizerOutput:
-        q, scores = self._quantize(video)
+    def _decode(
+        self, z_q: torch.Tensor, scores: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_q (B, T', H', W', d), scores (B, T', H', W') -> (reconstruction (B, C, T, H, W), keep mask)."""
         b = scores.shape[0]
         keep = soft_topk_mask(scores.reshape(b, -1), self.cfg.keep_ratio, self.cfg.topk_temperature)
         keep = keep.view_as(scores)  # (B, T', H', W')
         # The decoder sees only kept tokens, scaled by their scores, so reconstruction quality depends on
         # which tokens the scorer ranks highest and how much it trusts them.
-        z_in = q.z_q * (keep * scores)[..., None]  # (B, T', H', W', d)
-        recon = self.decoder(z_in.permute(0, 4, 1, 2, 3).to(video.dtype))
+        z_in = z_q * (keep * scores)[..., None]  # (B, T', H', W', d)
+        return self.decoder(z_in.permute(0, 4, 1, 2, 3).to(dtype)), keep
+
+    def forward(self, video: torch.Tensor) -> TokenizerOutput:
+        q, scores = self._quantize(video)
+        recon, keep = self._decode(q.z_q, scores, video.dtype)
         return TokenizerOutput(recon, q.codes, scores, keep, q.aux_loss)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+        """codes, priority (B, T', H', W') -> reconstruction (B, C, T, H, W), decoded as forward() does:
+        the top keep_ratio of tokens by priority, weighted by it. Turns predicted codes back into pixels."""
+        z_q = self.quantizer.codes_to_latent(codes)
+        dtype = next(self.decoder.parameters()).dtype
+        return self._decode(z_q, priority.float(), dtype)[0]
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,18 +272,6 @@ def tokenizer_id(model: Tokenizer) -> str:
     return f"{model.cfg.quantizer}-{h.hexdigest()[:16]}"
 
 
-def _replace_atomically(directory: Path, name: str, write: Callable[[str], None]) -> None:
-    """write(tmp_path) then rename over `name`: readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tokenizer(model: Tokenizer, directory: str | os.PathLike[str]) -> str:
     """Write model.safetensors then config.json (with "tokenizer_id") into `directory`; -> the id.
 
@@ -279,7 +281,7 @@ def save_tokenizer(model: Tokenizer, directory: str | os.PathLike[str]) -> str:
     d.mkdir(parents=True, exist_ok=True)
     tid = tokenizer_id(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _replace_atomically(d, WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"tokenizer_id": tid}))
+    replace_atomically(d, WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"tokenizer_id": tid}))
 
     def write_config(p: str) -> None:
         with open(p, "w") as f:
@@ -287,7 +289,7 @@ def save_tokenizer(model: Tokenizer, directory: str | os.PathLike[str]) -> str:
             f.flush()
             os.fsync(f.fileno())
 
-    _replace_atomically(d, CONFIG_FILE, write_config)
+    replace_atomically(d, CONFIG_FILE, write_config)
     return tid
 
 

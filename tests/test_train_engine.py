@@ -21,12 +21,19 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from lvmae.config import ConfigError
-from train.config import OptimConfig, TrainConfig, load_train_config
+from lvmae.config import ConfigError, check_tokenizer_matches
+from train.config import (
+    OptimConfig,
+    TrainConfig,
+    load_tokenizer_train_config,
+    load_train_config,
+    saved_yaml,
+)
 from train.engine import deepspeed_config, default_extensions_dir, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+TOKENIZER_RECIPES = sorted((REPO / "configs").glob("tokenizer_*.yaml"))
+RECIPES = sorted(set((REPO / "configs").glob("*.yaml")) - set(TOKENIZER_RECIPES))
 # Recipes leave the data set and token set to the user (???): fill them in to validate the rest.
 REQUIRED = ["data.url=/tmp/data", "data.tokens=fsq-0123456789abcdef"]
 
@@ -46,6 +53,31 @@ def test_every_recipe_loads_and_validates(recipe: Path) -> None:
     assert cfg.run.steps <= cfg.optim.total_steps
     assert cfg.model.target.kind == "tokens"
     assert cfg.model.masking.decoder == "adaptive"
+
+
+@pytest.mark.parametrize("recipe", TOKENIZER_RECIPES, ids=lambda p: p.stem)
+def test_every_tokenizer_recipe_loads_and_matches_its_mae_recipe(recipe: Path) -> None:
+    cfg = load_tokenizer_train_config([recipe], ["data.url=/tmp/data"])
+    mae = {"tokenizer_demo_cpu": "demo_cpu", "tokenizer_128f": "vitb_128f"}[recipe.stem]
+    model = load_train_config([REPO / f"configs/{mae}.yaml"], REQUIRED).model_config()
+    check_tokenizer_matches(model, cfg.tokenizer)  # same tubelet grid, same FSQ levels
+    assert cfg.tokenizer.video.num_frames == model.video.num_frames
+    assert cfg.tokenizer.video.img_size == model.video.img_size
+
+
+def test_tokenizer_config_refuses_a_token_set() -> None:
+    with pytest.raises(ConfigError, match=r"^data\.tokens\b"):
+        load_tokenizer_train_config([REPO / "configs/tokenizer_demo_cpu.yaml"], ["data.tokens=fsq-x"])
+
+
+def test_saved_config_redacts_credentials() -> None:
+    cfg = load_train_config(
+        [REPO / "configs/demo_cpu.yaml"],
+        ["data.tokens=fsq-x", "data.storage_options.key=AKIA123", "data.storage_options.secret=s3cr3t"],
+    )
+    text = saved_yaml(cfg)
+    assert "AKIA123" not in text and "s3cr3t" not in text and "<redacted>" in text
+    assert cfg.data.storage_options["secret"] == "s3cr3t"  # the run itself still has them
 
 
 def test_demo_recipe() -> None:
@@ -90,8 +122,9 @@ def test_bad_override_names_the_key(override: str, key: str) -> None:
 
 
 def test_missing_data_url_names_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"^data\.url\b"):
+    with pytest.raises(ConfigError, match=r"^data\.url\b") as err:
         load_train_config([REPO / "configs/vitb_128f.yaml"], ["data.tokens=fsq-x"])
+    assert "\n" not in str(err.value)  # one line
 
 
 # --- learning-rate schedule -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lvmae.config import ConfigError, MAEConfig, load_config
+from lvmae.config import ConfigError, MAEConfig, TokenizerConfig, load_config, to_yaml
 
 DECODER_BACKENDS = ("auto", "dali", "pyav")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -40,13 +40,19 @@ class DataConfig:
     batch_size: int = 8  # per rank
     shuffle_buffer: int = 256  # samples
     decoder: str = "auto"  # clip decoder backend: auto (DALI where installed), dali, pyav
-    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec
+    decode_threads: int = 0  # DALI threads per rank; 0: the node's cores shared among its ranks
+    retries: int = 3  # re-opens of a shard whose read fails, before the run stops
+    # Passed to fsspec. Empty: the endpoint comes from AWS_ENDPOINT_URL(_S3) and keys from the standard AWS
+    # environment and files. Keys written here are never saved with the run (see redacted()).
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, prefix: str = "data") -> None:
         _check(bool(self.url), f"{prefix}.url", "must name the data set")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be a positive integer")
         _check(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", "must be >= 0")
         _choice(self.decoder, f"{prefix}.decoder", DECODER_BACKENDS)
+        _check(self.decode_threads >= 0, f"{prefix}.decode_threads", "must be >= 0 (0: automatic)")
+        _check(self.retries >= 0, f"{prefix}.retries", "must be >= 0")
 
 
 @dataclass
@@ -97,6 +103,11 @@ class RunConfig:
 
     def validate(self, prefix: str = "run") -> None:
         _check(bool(self.out), f"{prefix}.out", "must name an output directory")
+        _check(
+            "://" not in self.out,
+            f"{prefix}.out",
+            f"must be a local (or shared) filesystem path, not a URL; got {self.out!r}",
+        )
         _check(self.steps >= 1, f"{prefix}.steps", "must be a positive integer")
         _check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", "must be >= 0")
         _check(self.keep_last >= 0, f"{prefix}.keep_last", "must be >= 0")
@@ -146,6 +157,50 @@ class TrainConfig:
         return cfg
 
 
+@dataclass
+class TokenizerTrainConfig:
+    """Fitting the FSQ-MagViT tokenizer and its token scorer on clip shards (`lvmae train tokenizer`)."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/tokenizer"))
+
+    def validate(self) -> None:
+        self.tokenizer.validate("tokenizer")
+        self.data.validate("data")
+        self.optim.validate("optim")
+        self.run.validate("run")
+        _check(
+            self.run.steps <= self.optim.total_steps,
+            "run.steps",
+            f"{self.run.steps} exceeds optim.total_steps {self.optim.total_steps} (the schedule's end)",
+        )
+        _check(self.data.tokens is None, "data.tokens", "the tokenizer trains on clips alone: leave it unset")
+
+
+SECRET_OPTION = ("key", "secret", "token", "password", "credential")
+
+
+def redacted(options: Any) -> Any:
+    """storage_options with every value under a credential-like key replaced by "<redacted>" (nested)."""
+    if isinstance(options, dict):
+        return {
+            k: "<redacted>" if any(w in str(k).lower() for w in SECRET_OPTION) else redacted(v)
+            for k, v in options.items()
+        }
+    if isinstance(options, list):
+        return [redacted(v) for v in options]
+    return options
+
+
+def saved_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, as runs and checkpoints save it: credentials redacted."""
+    saved = copy.deepcopy(cfg)
+    saved.data.storage_options = redacted(dict(saved.data.storage_options))
+    return to_yaml(saved)
+
+
 def load_train_config(
     recipe_paths: Iterable[str | Path | dict[str, Any]] = (), overrides: Sequence[str] = ()
 ) -> TrainConfig:
@@ -153,10 +208,21 @@ def load_train_config(
     return load_config(TrainConfig, recipe_paths, overrides)
 
 
+def load_tokenizer_train_config(
+    recipe_paths: Iterable[str | Path | dict[str, Any]] = (), overrides: Sequence[str] = ()
+) -> TokenizerTrainConfig:
+    """The same for TokenizerTrainConfig."""
+    return load_config(TokenizerTrainConfig, recipe_paths, overrides)
+
+
 __all__ = [
     "DataConfig",
     "OptimConfig",
     "RunConfig",
+    "TokenizerTrainConfig",
     "TrainConfig",
+    "load_tokenizer_train_config",
     "load_train_config",
+    "redacted",
+    "saved_yaml",
 ]

@@ -139,6 +139,23 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def export_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The engine's module, whole, on the CPU, parameters in float32 (collective: call on every rank).
+
+    Under bf16 the module holds 16-bit copies; the optimizer's fp32 master weights are the trained values,
+    so parameters are gathered from those (deepspeed.utils.safe_get_full_fp32_param), buffers as they are.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = full_state_dict(engine.module)
+    if engine.bfloat16_enabled():
+        for name, p in engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is not None and name in state:
+                state[name] = full.detach().cpu().clone()
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def default_extensions_dir() -> Path:
     """Where DeepSpeed's JIT-compiled ops are cached: the repository's .cache/ in a checkout, else
     ~/.cache/lvmae."""
@@ -165,6 +182,7 @@ def init_distributed() -> None:
 __all__ = [
     "build_engine",
     "deepspeed_config",
+    "export_state_dict",
     "full_state_dict",
     "init_distributed",
     "lr_at",

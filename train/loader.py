@@ -131,9 +131,10 @@ def shuffle(samples: Iterable[Any], buffer_size: int, gen: np.random.Generator) 
 _END = object()  # the read-ahead thread's last item, after the stream (or beside the error that ended it)
 
 
-def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
+def prefetch(items: Iterable[Any], depth: int, stats: dict[str, float] | None = None) -> Iterator[Any]:
     """The same items in the same order, read ahead by a thread (up to `depth` waiting): shard bytes stream
-    in while the caller decodes. An error in the reader is raised here, at the item where it happened."""
+    in while the caller decodes. An error in the reader is raised here, at the item where it happened.
+    stats["queue_depth"], if given, is how many items were waiting when the caller took the last one."""
     if depth <= 0:
         yield from items
         return
@@ -163,6 +164,8 @@ def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
     try:
         while True:
             item = q.get()
+            if stats is not None:
+                stats["queue_depth"] = q.qsize()
             if isinstance(item, tuple) and len(item) == 2 and item[0] is _END:
                 if item[1] is not None:
                     raise item[1]
@@ -249,7 +252,9 @@ class TokenJoin:
 
 
 class ClipLoader:
-    """Batches {"video" (B, 3, T, H, W) float, "keys", "codes"?, "priority"?, "epoch"} from a clip data set.
+    """Batches {"video" (B, 3, T, H, W) float, "keys", "codes"?, "priority"?, "epoch", "state"} from a clip
+    data set. "state" is state_dict() as of right after this batch: a consumer that reads batches ahead (in
+    a thread) checkpoints the state of the last batch it used, not the loader's own, which runs ahead.
 
     seed: shard order uses seed + epoch (all ranks alike); the shuffle buffer uses (seed, epoch, rank).
     tokens: a tokenizer id: join codes and priority from `tokens/<id>/`; rows not valid there are skipped.
@@ -306,7 +311,18 @@ class ClipLoader:
         self._decoder: Any = None
         self.epoch, self.consumed, self.batches = 0, 0, 0  # batches: yielded in this epoch
         self.stats: dict[str, float] = dict.fromkeys(
-            ("samples", "skipped", "retries", "bad_shards", "bytes_read", "decode_seconds", "wait_seconds"), 0
+            (
+                "samples",
+                "frames",
+                "skipped",
+                "retries",
+                "bad_shards",
+                "bytes_read",
+                "decode_seconds",
+                "wait_seconds",
+                "queue_depth",
+            ),
+            0,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -363,7 +379,9 @@ class ClipLoader:
             limit = self.batches_per_epoch(self.epoch)
             drawn = [self.consumed]
             # replay: the first `consumed` samples are read and dropped as bytes, never decoded
-            stream = prefetch(itertools.islice(self.samples(self.epoch), self.consumed, None), self.prefetch)
+            stream = prefetch(
+                itertools.islice(self.samples(self.epoch), self.consumed, None), self.prefetch, self.stats
+            )
             batches = decode_batches(
                 counted(stream, drawn), self._decode, self.batch_size, ext, self.drop_last, self.stats, keep
             )
@@ -377,6 +395,8 @@ class ClipLoader:
                         batch["codes"], batch["priority"] = self.tokens(keys)
                     self.consumed, self.batches = drawn[0], self.batches + 1
                     self.stats["samples"] += len(keys)
+                    self.stats["frames"] += len(keys) * self.spec["num_frames"]
+                    batch["state"] = self.state_dict()
                     yield batch
             finally:  # the caller may stop early: end the read-ahead thread now, not at garbage collection
                 batches.close()

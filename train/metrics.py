@@ -58,7 +58,9 @@ class TrainMetrics:
         self.peak_memory = Gauge(
             "lvmae_train_peak_memory_bytes", "Peak memory (CUDA or RSS)", ["kind"], registry=r
         )
-        self.queue_depth = Gauge("lvmae_loader_queue_depth", "Batches ready in the loader queue", registry=r)
+        self.queue_depth = Gauge(
+            "lvmae_loader_queue_depth", "Samples read ahead and waiting in the loader's queue", registry=r
+        )
         self.frames = Counter("lvmae_loader_decoded_frames", "Frames decoded by the loader", registry=r)
         self.read_bytes = Counter("lvmae_loader_read_bytes", "Bytes read from the store", registry=r)
         self.retries = Counter("lvmae_loader_retries", "Store reads retried", registry=r)
@@ -125,15 +127,22 @@ class TrainMetrics:
 
 
 def write_targets(
-    runs_dir: str | os.PathLike[str], run: str, ports: list[int], host: str = "127.0.0.1"
+    runs_dir: str | os.PathLike[str],
+    run: str,
+    ports: list[int],
+    host: str = "127.0.0.1",
+    first_rank: int = 0,
+    name: str | None = None,
 ) -> Path:
-    """RUNS/prometheus-targets/RUN.json, the run's file-SD target list: one target per rank, labelled
-    with run and rank (Prometheus globs only the last path component, hence one folder for all runs)."""
+    """RUNS/prometheus-targets/NAME.json (NAME defaults to RUN), a file-SD target list: one target per
+    rank (ranks first_rank, first_rank + 1, ... on `host`), labelled with run and rank. Prometheus globs
+    only the last path component, hence one folder for all runs; on several nodes each node writes its own
+    file (NAME = RUN-nodeK) naming its ranks."""
     entries = [
-        {"targets": [f"{host}:{port}"], "labels": {"run": run, "rank": str(rank)}}
-        for rank, port in enumerate(ports)
+        {"targets": [f"{host}:{port}"], "labels": {"run": run, "rank": str(first_rank + i)}}
+        for i, port in enumerate(ports)
     ]
-    path = Path(runs_dir) / TARGETS_DIR / f"{run}.json"
+    path = Path(runs_dir) / TARGETS_DIR / f"{name or run}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(entries, indent=1) + "\n")

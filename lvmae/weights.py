@@ -1,0 +1,70 @@
+"""Exported weights on disk: safetensors plus the config that builds the model, written atomically.
+
+    save_mae(model.state_dict(), model.cfg, "runs/x/export")   # model.safetensors, then config.yaml
+    model = load_mae("runs/x/export")                          # MaskedVideoAutoencoder, weights loaded
+    encoder = model.encoder                                    # VideoViT, for probes and fine-tuning
+
+No pickle anywhere: tensors through safetensors, the config as YAML merged onto the typed schema.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lvmae.config import MAEConfig, load_config, to_yaml
+
+MAE_WEIGHTS = "model.safetensors"
+MAE_CONFIG = "config.yaml"
+
+
+def replace_atomically(directory: Path, name: str, write: Callable[[str], None]) -> None:
+    """write(tmp_path) then rename over `name`: readers see the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_mae(state: dict[str, torch.Tensor], cfg: MAEConfig, directory: str | os.PathLike[str]) -> Path:
+    """Write model.safetensors then config.yaml (its presence means the export is complete); -> directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    replace_atomically(d, MAE_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "lvmae-mae"}))
+
+    def write_config(p: str) -> None:
+        with open(p, "w") as f:
+            f.write(to_yaml(cfg.resolved()))
+            f.flush()
+            os.fsync(f.fileno())
+
+    replace_atomically(d, MAE_CONFIG, write_config)
+    return d
+
+
+def load_mae(directory: str | os.PathLike[str], device: str | torch.device = "cpu"):
+    """-> MaskedVideoAutoencoder built from config.yaml with the weights of model.safetensors (strict).
+
+    Raises ValueError if the files are missing or the weights do not fit the config.
+    """
+    from lvmae.mae import MaskedVideoAutoencoder
+
+    d = Path(directory)
+    if not (d / MAE_CONFIG).is_file() or not (d / MAE_WEIGHTS).is_file():
+        raise ValueError(f"{d} is not an exported model: needs {MAE_CONFIG} and {MAE_WEIGHTS}")
+    model = MaskedVideoAutoencoder(load_config(MAEConfig, [d / MAE_CONFIG]))
+    try:
+        model.load_state_dict(load_file(d / MAE_WEIGHTS, device="cpu"), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{d / MAE_WEIGHTS} does not fit the model in {d / MAE_CONFIG}: {err}") from None
+    return model.to(device)

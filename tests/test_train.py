@@ -1,0 +1,303 @@
+"""`lvmae train` and `lvmae launch` end to end on real clip shards: DeepSpeed ZeRO-3 on CPU processes.
+
+Clips: 8-frame 32 px VP9 clips of the four real sample videos. The models use 8 px patches so that the
+grids stay tiny (4 x 4 x 4 tokens) and a step takes milliseconds; what is tested is the trainer around them:
+the launchers, checkpoints, kill -9 and resume, export, and the errors users meet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ingest.clips import ingest_clips
+from ingest.config import ClipSpec, IngestConfig
+from ingest.tokens import ingest_tokens
+from lvmae.config import TokenizerConfig, VideoSpec
+from lvmae.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from lvmae.weights import load_mae
+from train.cli import launcher_command
+from train.trainer import read_log
+
+REPO = Path(__file__).resolve().parents[1]
+LVMAE = [sys.executable, "-m", "lvmae.cli"]
+VIDEO = ["model.video.num_frames=8", "model.video.img_size=32", "model.video.patch_size=8"]
+TOKENIZER_VIDEO = [o.replace("model.", "tokenizer.") for o in VIDEO]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, sample_videos) -> tuple[Path, str]:
+    """(data set of 8-frame 32 px clips of the sample videos, id of its token set)."""
+    root = tmp_path_factory.mktemp("train")
+    spec = ClipSpec(num_frames=8, size=32)
+    sources = [str(p) for p in sample_videos.values()]
+    summary = ingest_clips(
+        sources, str(root / "data"), IngestConfig(clip=spec, shard_clips=8), progress=False
+    )
+    assert summary.num_samples >= 40
+    torch.manual_seed(0)
+    tok = TokenizerConfig(
+        video=VideoSpec(num_frames=8, img_size=32, patch_size=8),
+        base_channels=8,
+        channel_mult=[1, 1, 2, 2],
+        num_groups=4,
+        scorer_channels=8,
+        fsq_levels=[8, 5, 5],
+    )
+    tid = save_tokenizer(Tokenizer(tok).eval(), root / "tokenizer")
+    ingest_tokens(str(root / "data"), str(root / "tokenizer"), device="cpu", progress=False)
+    return root / "data", tid
+
+
+def mae_args(data: tuple[Path, str], out: Path, *extra: str) -> list[str]:
+    url, tid = data
+    return [
+        "train",
+        "mae",
+        str(REPO / "configs/demo_cpu.yaml"),
+        *VIDEO,
+        "model.target.fsq_levels=[8,5,5]",
+        f"data.url={url}",
+        f"data.tokens={tid}",
+        "data.batch_size=2",
+        "data.shuffle_buffer=8",
+        "optim.warmup_steps=3",
+        "run.steps=12",
+        "run.checkpoint_every=4",
+        "run.keep_last=2",
+        "run.metrics_port_base=0",
+        f"run.out={out}",
+        *extra,
+    ]
+
+
+def launch(args: list[str], launcher: str = "deepspeed", **kw) -> subprocess.Popen:
+    cmd = [
+        *LVMAE,
+        "launch",
+        f"--launcher={launcher}",
+        "--nproc=2",
+        f"--master-port={free_port()}",
+        "--",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the launcher's ranks run in sessions of their own: a group kill misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_9_all(proc: subprocess.Popen) -> None:
+    """kill -9 of a whole run: the launcher and every rank, at once."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def losses(out: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["lr"]) for r in read_log(out / "train_log.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    finish(launch(mae_args(data, out)))
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_train_checkpoint_and_export(uninterrupted: Path):
+    log = losses(uninterrupted)
+    assert [s for s, _, _ in log] == list(range(1, 13))
+    assert all(math.isfinite(loss) for _, loss, _ in log)
+    assert read_log(uninterrupted / "train_log.jsonl")[0]["samples"] == 4  # 2 ranks x batch 2
+    ckpts = uninterrupted / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000008", "step-00000012"]  # keep_last 2
+    assert (ckpts / "latest").read_text().strip() == "step-00000012"
+    assert not list(ckpts.glob(".tmp-*"))
+    step12 = ckpts / "step-00000012"
+    assert json.loads((step12 / "meta.json").read_text())["world_size"] == 2
+    assert {p.name for p in step12.glob("rank-*.json")} == {"rank-00000.json", "rank-00001.json"}
+    # The exported weights load into the model library and are the trained ones, not the initial ones.
+    model = load_mae(uninterrupted / "export")
+    torch.manual_seed(0)  # the trainer's seed: the same initial weights
+    initial = type(model)(model.cfg).state_dict()
+    trained = model.state_dict()
+    assert set(trained) == set(initial)
+    assert all(not torch.equal(trained[k], initial[k]) for k in trained if k.endswith("weight"))
+    out = model(torch.rand(1, 3, 8, 32, 32), priority=torch.rand(1, 4, 4, 4))
+    assert torch.isfinite(out.pred).all()
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["loader"]["samples"] > 0
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reproduces_the_loss_curve(data, uninterrupted: Path, tmp_path: Path):
+    out = tmp_path / "killed"
+    proc = launch(mae_args(data, out), launcher="torchrun")
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and any(r["step"] >= 6 for r in read_log(log)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()[-3000:]
+    kill_9_all(proc)
+    killed_at = max(s for s, _, _ in losses(out))
+    assert 6 <= killed_at < 12
+
+    # Without --resume the run refuses to start over its checkpoints.
+    refused = subprocess.run(
+        [*LVMAE, *mae_args(data, out)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert refused.returncode == 2 and "--resume auto" in refused.stderr, refused.stderr[-2000:]
+
+    text = finish(launch([*mae_args(data, out), "--resume", "auto"]))
+    # From step 4, or from step 8 if its save finished before the kill.
+    assert re.search(r"resumed from \S+/step-0000000[48] at step [48]\b", text), text[-3000:]
+    # Every step once, with exactly the losses and learning rates of the run that was never killed.
+    assert losses(out) == losses(uninterrupted)
+    a, b = load_file(out / "export/model.safetensors"), load_file(uninterrupted / "export/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_tokenizer_training_exports_what_ingest_tokens_reads(data, tmp_path: Path):
+    url, _ = data
+    out = tmp_path / "tok"
+    args = [
+        "train",
+        "tokenizer",
+        str(REPO / "configs/tokenizer_demo_cpu.yaml"),
+        *TOKENIZER_VIDEO,
+        "tokenizer.channel_mult=[1,1,2,2]",
+        "tokenizer.fsq_levels=[8,5,5]",
+        f"data.url={url}",
+        "data.batch_size=2",
+        "run.steps=4",
+        "run.checkpoint_every=0",
+        "run.metrics_port_base=0",
+        f"run.out={out}",
+    ]
+    run = subprocess.run([*LVMAE, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = read_log(out / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000004"]  # only at the end
+    tokenizer = load_tokenizer(out / "tokenizer")  # verifies the id against config and weights
+    assert list(tokenizer.cfg.fsq_levels) == [8, 5, 5]
+    summary = ingest_tokens(str(url), str(out / "tokenizer"), device="cpu", progress=False)
+    assert summary.num_valid > 0
+
+
+def test_bf16_run_exports_float32_weights(data, tmp_path: Path):
+    out = tmp_path / "bf16"
+    args = mae_args(data, out, "run.precision=bf16", "run.steps=2", "run.checkpoint_every=0")
+    run = subprocess.run([*LVMAE, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "bf16" in run.stdout
+    weights = load_file(out / "export/model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert load_mae(out / "export") is not None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["run.precision=fp16"], r"run.precision: must be one of auto, fp32, bf16"),
+        (["data.url=/nonexistent/data"], r"not a complete data set \(no index.json\)"),
+        (["data.tokens=fsq-0000000000000000"], r"no token store .*tokens/fsq-0000000000000000"),
+        (["model.target.fsq_levels=[8,8,8]"], r"model.target.fsq_levels: \[8, 8, 8\] differs"),
+        (["model.video.num_frames=16"], r"model.video: the model takes 16 frames of 32 px, but the clips"),
+        (["run.out=s3://bucket/run"], r"run.out: must be a local \(or shared\) filesystem path"),
+    ],
+)
+def test_user_errors_are_one_clear_line(data, tmp_path: Path, extra: list[str], message: str):
+    args = mae_args(data, tmp_path / "run", *extra)
+    run = subprocess.run([*LVMAE, *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), run.stderr[-2000:]
+
+
+def test_launch_checks_the_config_before_starting_ranks(data, tmp_path: Path):
+    args = mae_args(data, tmp_path / "run", "optim.lr=fast")
+    run = subprocess.run(
+        [*LVMAE, "launch", "--nproc=2", "--", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2 and "optim.lr" in run.stderr
+    assert "lvmae launch:" not in run.stdout  # no launcher was started
+
+
+def test_launcher_commands():
+    rest = ["train", "mae", "r.yaml", "--resume", "auto"]
+    ds = launcher_command("deepspeed", 4, rest, hostfile="hosts", num_nodes=2, master_addr="10.0.0.1")
+    assert ds[0].endswith("deepspeed")
+    assert ds[1:] == [
+        "--num_gpus=4",
+        "--master_port=29500",
+        "--hostfile=hosts",
+        "--num_nodes=2",
+        "--master_addr=10.0.0.1",
+        "--no_local_rank",
+        "--module",
+        "lvmae.cli",
+        *rest,
+    ]
+    local = launcher_command("deepspeed", 2, rest)
+    assert "--hostfile=/dev/null" in local and "--master_addr=127.0.0.1" in local
+    tr = launcher_command(
+        "torchrun", 2, rest, num_nodes=2, node_rank=1, master_addr="10.0.0.1", master_port=1234
+    )
+    assert tr[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nproc_per_node=2", "--nnodes=2", "--node_rank=1", "--master_port=1234"} <= set(tr)
+    assert tr[-len(rest) - 2 :] == ["-m", "lvmae.cli", *rest]

@@ -1,0 +1,194 @@
+"""`lvmae train mae|tokenizer` (one rank of a run) and `lvmae launch` (starts the ranks).
+
+    lvmae train mae configs/demo_cpu.yaml data.tokens=fsq-... [--resume auto]      # one process
+    lvmae launch --nproc 2 -- train mae configs/demo_cpu.yaml data.tokens=fsq-...  # 2 ranks, deepspeed
+    lvmae launch --hostfile ops/hostfile.example -- train mae configs/vitb_128f.yaml data.url=s3://...
+
+Arguments after the subcommand are recipes (*.yaml, merged in order) and dotted overrides (key=value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from lvmae.errors import UserError
+
+
+def split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """-> (recipe paths, dotted overrides). A recipe that does not exist is a user error."""
+    recipes, overrides = [], []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif item.endswith((".yaml", ".yml")):
+            if not Path(item).is_file():
+                raise UserError(f"no recipe {item}")
+            recipes.append(item)
+        else:
+            raise UserError(f"{item!r} is neither a recipe (*.yaml) nor an override (key=value)")
+    return recipes, overrides
+
+
+def load_task(kind: str, items: list[str]) -> tuple[Any, Any]:
+    """-> (task, config) for `lvmae train KIND ITEMS...`; config errors name the key."""
+    from train.config import load_tokenizer_train_config, load_train_config
+    from train.tasks import MAETask, TokenizerTask
+
+    recipes, overrides = split_config_args(items)
+    if kind == "mae":
+        cfg = load_train_config(recipes, overrides)
+        return MAETask(cfg), cfg
+    cfg = load_tokenizer_train_config(recipes, overrides)
+    return TokenizerTask(cfg), cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ingest.tokens import TokensError
+    from train.checkpoint import CheckpointError
+    from train.loader import LoaderError
+    from train.trainer import train
+
+    task, cfg = load_task(args.kind, args.config)
+    try:
+        summary = train(task, cfg, resume=args.resume)
+    except (LoaderError, CheckpointError, TokensError) as err:
+        raise UserError(str(err)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"lvmae train {task.name}: step {summary['steps']} ({summary['trained_steps']} this run, "
+            f"{summary['seconds']} s, {summary['clips_per_s']} clips/s); weights: {summary['export']}"
+        )
+    return 0
+
+
+def add_train_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (one rank; start several with `lvmae launch`)",
+        description="Train the LVMAE model (mae) or the tokenizer with its token scorer (tokenizer) on "
+        "clip shards, with DeepSpeed. Arguments: recipes (*.yaml, merged in order), then key=value overrides.",
+    )
+    p.add_argument("kind", choices=("mae", "tokenizer"), help="what to train")
+    p.add_argument("config", nargs="+", metavar="RECIPE_OR_OVERRIDE", help="configs/*.yaml and key=value")
+    p.add_argument(
+        "--resume",
+        default="none",
+        metavar="auto|none|PATH",
+        help="auto: continue from the newest checkpoint in run.out (if any); none (default): start fresh, "
+        "refusing to overwrite checkpoints; PATH: a checkpoint folder",
+    )
+    p.set_defaults(func=cmd_train)
+
+
+# --- lvmae launch ---------------------------------------------------------------------------------------
+
+
+def launcher_command(
+    launcher: str,
+    nproc: int,
+    rest: list[str],
+    *,
+    hostfile: str | None = None,
+    num_nodes: int | None = None,
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int = 29500,
+) -> list[str]:
+    """The command that starts `lvmae REST...` on nproc processes per node (a pure function)."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        cmd += [f"--nnodes={num_nodes or 1}", f"--master_port={master_port}"]
+        if (num_nodes or 1) > 1:
+            cmd += [f"--node_rank={node_rank or 0}"]
+        cmd += [f"--master_addr={master_addr or '127.0.0.1'}"]
+        return [*cmd, "-m", "lvmae.cli", *rest]
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    deepspeed = shutil.which("deepspeed", path=search)
+    if deepspeed is None:
+        raise UserError(
+            "the deepspeed launcher is not installed (pip install deepspeed), or use --launcher torchrun"
+        )
+    cmd = [deepspeed, f"--num_gpus={nproc}", f"--master_port={master_port}"]
+    if hostfile:
+        cmd += [f"--hostfile={hostfile}"]
+        if num_nodes:
+            cmd += [f"--num_nodes={num_nodes}"]
+        if master_addr:
+            cmd += [f"--master_addr={master_addr}"]
+    else:
+        # DeepSpeed reads /job/hostfile by default and goes multi-node if it exists; /dev/null is not a
+        # regular file, which it takes as "this machine only".
+        cmd += ["--hostfile=/dev/null", f"--master_addr={master_addr or '127.0.0.1'}"]
+    return [*cmd, "--no_local_rank", "--module", "lvmae.cli", *rest]
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from lvmae.cli import build_parser
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else list(args.rest)
+    if rest[:1] != ["train"]:
+        raise UserError("usage: lvmae launch [options] -- train mae|tokenizer RECIPE... [key=value...]")
+    # Parse and check the rank command here, once, rather than fail in every rank.
+    parsed = build_parser().parse_args(rest)
+    load_task(parsed.kind, parsed.config)
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.hostfile and not Path(args.hostfile).is_file():
+        raise UserError(f"no hostfile {args.hostfile}")
+    cmd = launcher_command(
+        args.launcher,
+        args.nproc,
+        rest,
+        hostfile=args.hostfile,
+        num_nodes=args.num_nodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+    env = {**os.environ, "LVMAE_LAUNCHED": "1"}  # ranks stop when their launcher dies
+    if "OMP_NUM_THREADS" not in env and not args.hostfile:
+        # The deepspeed launcher does not set it: ranks sharing the cores would oversubscribe them.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
+    print("lvmae launch: " + " ".join(cmd), flush=True)
+    # The launcher and its ranks stay in this process group: Ctrl-C in a terminal, or a kill of the group,
+    # reaches every rank. A SIGTERM sent to this process alone is passed on to the launcher.
+    proc = subprocess.Popen(cmd, env=env)
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the ranks got the SIGINT too: give them time to stop
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+def add_launch_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="start a training run's ranks with the deepspeed launcher (or torchrun)",
+        description="Start `lvmae train ...` on several processes: --nproc per node (GPUs, or CPU "
+        "processes), on this machine or on the hosts of a DeepSpeed hostfile (see ops/hostfile.example).",
+    )
+    p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
+    p.add_argument("--nproc", type=int, default=1, help="processes per node (default 1)")
+    p.add_argument(
+        "--hostfile", help="DeepSpeed hostfile (MPI style: `host slots=N` per line) for multi-node"
+    )
+    p.add_argument("--num-nodes", type=int, help="use the first N hosts of the hostfile (torchrun: N nodes)")
+    p.add_argument("--node-rank", type=int, help="torchrun on several nodes: this node's rank")
+    p.add_argument("--master-addr", help="address of the first node (default 127.0.0.1 on one machine)")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- train mae|tokenizer RECIPE... [key=value...]")
+    p.set_defaults(func=cmd_launch)
+
+
+__all__ = ["add_launch_parser", "add_train_parser", "launcher_command", "load_task", "split_config_args"]

@@ -1,0 +1,352 @@
+"""One rank of a training run (`lvmae train mae|tokenizer`), built from small steps:
+
+    dist = join_process_group()                      # from the launcher's env; one process alone works too
+    loader = build_loader(cfg, task, dist)           # shards of this rank, DALI (or PyAV) decode, tokens
+    engine, scheduler = build_model_and_engine(...)  # the task's model under ZeRO-3, AdamW, warmup-cosine
+    metrics = build_metrics(cfg, dist)               # Prometheus exporter on port base + rank, file-SD list
+    step = resume(...)                               # --resume auto: newest checkpoint, loader position
+    for each step: batch (read ahead by a thread) -> loss -> backward -> step -> metrics, log, checkpoint
+    export                                           # safetensors through a ZeRO-3 gather
+
+Exact resume: shard order, shuffle and skips are functions of (seed, epoch, rank) and the loader's saved
+position; each step's masks come from a generator seeded by (seed, step, rank); parameters, optimizer, lr
+schedule and RNG states come back from the checkpoint. So a run killed and resumed trains on the same
+samples with the same masks as an uninterrupted one, and on a CPU in fp32 its losses are identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.checkpoint import CheckpointError, Checkpoints
+from train.config import saved_yaml
+from train.engine import (
+    build_engine,
+    export_state_dict,
+    init_distributed,
+    model_init_context,
+    resolve_precision,
+)
+from train.loader import ClipLoader, prefetch
+from train.metrics import TrainMetrics, peak_memory_bytes, write_targets
+from train.tasks import Task
+
+LOG_FILE = "train_log.jsonl"  # one line per optimizer step, written by rank 0
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def node(self) -> int:
+        return self.rank // self.local_world_size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_process_group() -> Dist:
+    """Read RANK, WORLD_SIZE, LOCAL_RANK... (torchrun and the deepspeed launcher set them; a process started
+    alone is rank 0 of 1) and join the process group."""
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    world = int(os.environ["WORLD_SIZE"])
+    dist = Dist(
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+    if "LVMAE_LAUNCHED" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_with_parent()
+    init_distributed()
+    return dist
+
+
+def exit_with_parent(interval: float = 1.0) -> None:
+    """End this rank when its launcher dies. torchrun starts ranks in sessions of their own, so a killed
+    launcher would leave them training, and writing checkpoints, beside the run that resumes them."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                print(
+                    f"rank {os.environ.get('RANK')}: the launcher (pid {parent}) died; stopping", flush=True
+                )
+                os._exit(1)
+
+    threading.Thread(target=watch, name="lvmae-parent-watch", daemon=True).start()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's mask generator on one rank: independent of everything that came before."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def build_loader(cfg: Any, task: Task, dist: Dist) -> ClipLoader:
+    threads = cfg.data.decode_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size)
+    loader = ClipLoader(
+        cfg.data.url,
+        cfg.data.batch_size,
+        seed=cfg.run.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        tokens=task.tokens,
+        decoder=cfg.data.decoder,
+        storage_options=cfg.data.storage_options or None,  # None: endpoint from the environment
+        retries=cfg.data.retries,
+        decoder_kwargs={"num_threads": threads, "device_id": dist.local_rank},
+    )
+    attrs = dict(loader.tokens.group.attrs) if loader.tokens is not None else None
+    task.check_data(loader.spec, attrs, cfg.data.url)
+    return loader
+
+
+def build_metrics(cfg: Any, dist: Dist) -> TrainMetrics:
+    """This rank's exporter on port base + rank; local rank 0 writes the node's file-SD target list."""
+    metrics = TrainMetrics(rank=dist.rank)
+    base, addr = cfg.run.metrics_port_base, cfg.run.metrics_addr
+    if base == 0:
+        return metrics
+    try:
+        metrics.serve(base + dist.rank, addr)
+    except OSError as err:
+        raise RuntimeError(
+            f"rank {dist.rank} cannot serve metrics on {addr}:{base + dist.rank} ({err}): set "
+            "run.metrics_port_base to free ports (or 0 to turn metrics off)"
+        ) from None
+    if dist.local_rank == 0:
+        out = Path(cfg.run.out)
+        first = dist.node * dist.local_world_size
+        ports = [base + first + i for i in range(dist.local_world_size)]
+        host = socket.gethostname() if addr in ("0.0.0.0", "::") else addr
+        name = out.name if dist.world_size == dist.local_world_size else f"{out.name}-node{dist.node}"
+        write_targets(out.parent, out.name, ports, host, first_rank=first, name=name)
+    return metrics
+
+
+class TrainLog:
+    """RUN/train_log.jsonl: one JSON line per step (rank 0). On resume, lines past the checkpoint's step
+    are dropped, so the log holds each step once, as an uninterrupted run would have written it."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self._file: Any = None
+
+    def truncate(self, step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [line for line in read_log(self.path) if line["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (open for the whole run)
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a train_log.jsonl (a line cut short by a kill is skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def pick_checkpoint(ckpts: Checkpoints, resume: str) -> Path | None:
+    """--resume none (the default: refuse to train over existing checkpoints), auto, or a checkpoint path."""
+    latest = ckpts.latest()
+    if resume == "none":
+        if latest is not None:
+            raise CheckpointError(
+                f"{ckpts.dir} already holds checkpoints (newest: {latest.name}): pass --resume auto to "
+                "continue that run, or set run.out to a new folder"
+            )
+        return None
+    if resume == "auto":
+        return latest
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+    return path
+
+
+def _say(dist: Dist, msg: str) -> None:
+    if dist.rank == 0:
+        print(msg, flush=True)
+
+
+def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
+    """Run (or continue) one training run on this rank; -> a summary (rank 0's figures)."""
+    import torch.distributed as tdist
+
+    dist = join_process_group()
+    out = Path(cfg.run.out)
+    precision = resolve_precision(cfg.run.precision)
+    device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    loader = build_loader(cfg, task, dist)
+    ckpts = Checkpoints(out / "checkpoints", dist.rank, dist.world_size, cfg.run.keep_last)
+    start = pick_checkpoint(ckpts, resume)
+    config_yaml = saved_yaml(cfg)
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        removed = ckpts.remove_stale()
+        if removed:
+            print(f"removed unfinished checkpoint saves: {', '.join(removed)}", flush=True)
+        (out / CONFIG_FILE).write_text(config_yaml)
+    tdist.barrier()
+
+    torch.manual_seed(cfg.run.seed)
+    with model_init_context(cfg):
+        model = task.build_model()
+    engine, _, scheduler = build_engine(model, cfg, dist.world_size)
+    step = 0
+    log = TrainLog(out / LOG_FILE, enabled=dist.rank == 0)
+    if start is not None:
+        step, state = ckpts.load(engine, start)
+        loader.load_state_dict(state["loader"])
+        log.truncate(step)
+        _say(dist, f"resumed from {start} at step {step}")
+    if step > cfg.run.steps:
+        raise CheckpointError(f"{start} is at step {step}, past run.steps={cfg.run.steps}")
+    metrics = build_metrics(cfg, dist)
+    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
+    _say(
+        dist,
+        f"lvmae train {task.name}: {n_params / 1e6:.2f} M parameters, {dist.world_size} rank(s), "
+        f"ZeRO-{cfg.run.zero_stage}, {precision}, {device.type}, batch {cfg.data.batch_size}/rank, "
+        f"steps {step} -> {cfg.run.steps}, out {out}",
+    )
+
+    loader_state = loader.state_dict()
+    started, first_step = time.perf_counter(), step
+    batches = prefetch(iter(loader), depth=2)  # decoding of the next batches overlaps this step
+    try:
+        while step < cfg.run.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            video = batch["video"].to(device, dtype, non_blocking=True)
+            gen = torch.Generator().manual_seed(step_seed(cfg.run.seed, step, dist.rank))
+            loss = task.loss(engine, batch, video, gen)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            loss_sum = loss.detach().float().reshape(1)
+            tdist.all_reduce(loss_sum)  # sync point: every rank's loss, for one curve of the run
+            mean_loss = loss_sum.item() / dist.world_size
+            grad_norm = engine.get_global_grad_norm()
+            t2 = time.perf_counter()
+            loader_state = batch["state"]  # the loader reads ahead; this is where this step's data ended
+            n = len(batch["keys"])
+            metrics.step(
+                samples=n,
+                tokens=n * task.tokens_per_sample,
+                data_wait_s=t1 - t0,
+                compute_s=t2 - t1,
+                loss=mean_loss,
+                lr=lr,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+            )
+            st = loader.stats
+            metrics.loader(
+                queue_depth=int(st["queue_depth"]),
+                frames=int(st["frames"]),
+                read_bytes=int(st["bytes_read"]),
+                retries=int(st["retries"]),
+                errors=int(st["bad_shards"]),
+                skipped=int(st["skipped"]),
+            )
+            record = {
+                "step": step,
+                "loss": mean_loss,
+                "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "samples": n * dist.world_size,
+                "data_wait_s": round(t1 - t0, 6),
+                "compute_s": round(t2 - t1, 6),
+                "epoch": batch["epoch"],
+            }
+            log.write(record)
+            if not np.isfinite(mean_loss):
+                _say(
+                    dist,
+                    f"step {step}: the loss is {mean_loss} (counted in lvmae_train_nonfinite_loss_total)",
+                )
+            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                elapsed = time.perf_counter() - started
+                rate = (step - first_step) * cfg.data.batch_size * dist.world_size / max(elapsed, 1e-9)
+                _say(
+                    dist,
+                    f"step {step}/{cfg.run.steps}  loss {mean_loss:.4f}  lr {lr:.2e}  {rate:.1f} clips/s  "
+                    f"data wait {100 * (t1 - t0) / max(t2 - t0, 1e-9):.0f}%  "
+                    f"peak {peak_memory_bytes()[1] / 2**30:.2f} GiB",
+                )
+            every = cfg.run.checkpoint_every
+            if (every and step % every == 0) or step == cfg.run.steps:
+                path = ckpts.save(engine, step, {"loader": loader_state, "step": step}, config_yaml)
+                _say(dist, f"checkpoint {path}")
+    finally:
+        batches.close()
+        log.close()
+    seconds = time.perf_counter() - started
+
+    state = export_state_dict(engine)  # collective
+    exported = None
+    if dist.rank == 0:
+        exported = task.export(state, out)
+        print(f"exported {exported}", flush=True)
+    tdist.barrier()
+    summary = {
+        "task": task.name,
+        "steps": step,
+        "trained_steps": step - first_step,
+        "seconds": round(seconds, 2),
+        "clips_per_s": round(
+            (step - first_step) * cfg.data.batch_size * dist.world_size / max(seconds, 1e-9), 2
+        ),
+        "export": str(exported) if exported else None,
+        "peak_memory": dict(zip(("kind", "bytes"), peak_memory_bytes())),
+        "loader": {k: v for k, v in loader.stats.items()},
+    }
+    if dist.rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    tdist.destroy_process_group()
+    return summary

@@ -7,11 +7,14 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# make demo STORE=s3: the same pipeline against a local S3 server (SeaweedFS on 127.0.0.1).
+STORE ?= local
+DEMO_OUT := demo-out$(if $(filter s3,$(STORE)),-s3)
 
 .PHONY: venv tools test lint format demo bench clean help
 
 help:
-	@echo "make demo   - run the end-to-end demo on the embedded default (CPU, local store)"
+	@echo "make demo   - run the end-to-end demo on the embedded default (CPU, local store; STORE=s3: local S3)"
 	@echo "make test   - run the test suite"
 	@echo "make lint   - ruff check + format check"
 	@echo "make bench  - run the benchmarks in bench/ (writes bench/results/)"
@@ -47,10 +50,10 @@ format: venv
 
 demo: venv
 	$(BIN)/lvmae info
-	$(BIN)/python -m train.demo --out demo-out
+	$(BIN)/python -m train.demo --out $(DEMO_OUT) --store $(STORE)
 
 bench: venv
 	$(BIN)/python bench/fig1_memory.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-out demo-out-s3 .pytest_cache .ruff_cache

@@ -121,7 +121,7 @@ def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = No
 
     on_clip(n_clips, n_bytes) is called after each clip (progress, in-process runs only).
     """
-    store = Store(task.out, task.storage_options)
+    store = Store(task.out, task.storage_options or None)  # None: the endpoint from the environment
     ext = clip_extension(task.spec.codec)
     keys, errors = [], []
     with tempfile.TemporaryDirectory(prefix="lvmae-shard-") as tmp:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lvmae.config import MAEConfig
-from lvmae.fsq import codes_to_digits
+from lvmae.fsq import codes_to_digits, digits_to_codes
 from lvmae.mae import MAEOutput
 from lvmae.tubelets import gather_tubelets, normalize_tubelets, pixel_targets
 
@@ -44,6 +44,18 @@ def token_factorized_loss(
     for i, part in enumerate(logits.float().split(list(levels), dim=-1)):
         per_token = per_token + F.cross_entropy(part.transpose(1, 2), digits[..., i], reduction="none")
     return _weighted_mean(per_token / len(levels), weight)
+
+
+def predicted_codes(cfg: MAEConfig, pred: torch.Tensor) -> torch.Tensor:
+    """The most likely code of each prediction: pred (B, N_sel, out_dim) token logits -> (B, N_sel) codes.
+    Factorized heads pick each FSQ digit separately (the argmax of the product of per-digit softmaxes)."""
+    tgt = cfg.target
+    if tgt.kind != "tokens":
+        raise ValueError("predicted codes need a model with token targets")
+    if tgt.token_loss == "softmax":
+        return pred.argmax(-1)
+    digits = torch.stack([part.argmax(-1) for part in pred.split(list(tgt.fsq_levels), dim=-1)], dim=-1)
+    return digits_to_codes(digits, list(tgt.fsq_levels))
 
 
 def mae_loss(
@@ -80,6 +92,7 @@ __all__ = [
     "mae_loss",
     "pixel_loss",
     "pixel_targets",
+    "predicted_codes",
     "token_factorized_loss",
     "token_softmax_loss",
 ]

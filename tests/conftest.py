@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 from s3_fixtures import s3_bucket, s3_server
+from train_data import train_data
 
 from ingest.frames import load_clip
 from ingest.samples import sample_videos as _sample_videos
 
-__all__ = ["load_clip", "s3_bucket", "s3_server"]
+__all__ = ["load_clip", "s3_bucket", "s3_server", "train_data"]
 
 
 @pytest.fixture(scope="session")

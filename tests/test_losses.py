@@ -2,9 +2,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvmae.config import MaskingConfig
+from lvmae.config import MAEConfig, MaskingConfig, TargetConfig
 from lvmae.fsq import codes_to_digits
-from lvmae.losses import mae_loss, pixel_loss, token_factorized_loss, token_softmax_loss
+from lvmae.losses import (
+    mae_loss,
+    pixel_loss,
+    predicted_codes,
+    token_factorized_loss,
+    token_softmax_loss,
+)
 from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.presets import preset_config
 from lvmae.tubelets import patchify, unpatchify
@@ -94,3 +100,17 @@ def test_missing_targets_are_clear_errors():
     out = model(torch.rand(1, 3, 8, 32, 32), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="codes"):
         mae_loss(model.cfg, out, video=torch.rand(1, 3, 8, 32, 32))
+
+
+def test_predicted_codes_are_the_argmax_of_each_head():
+    levels = [8, 5, 5]
+    cfg = MAEConfig(preset="tiny", target=TargetConfig(kind="tokens", fsq_levels=levels))
+    codes = torch.randint(0, 200, (2, 7))
+    digits = codes_to_digits(codes, levels)  # (2, 7, 3)
+    # Factorized: one-hot logits at each digit give back exactly the codes.
+    logits = torch.cat([F.one_hot(digits[..., i], lv).float() for i, lv in enumerate(levels)], dim=-1)
+    assert torch.equal(predicted_codes(cfg, logits), codes)
+    cfg.target.token_loss = "softmax"
+    assert torch.equal(predicted_codes(cfg, F.one_hot(codes, 200).float()), codes)
+    with pytest.raises(ValueError, match="token targets"):
+        predicted_codes(MAEConfig(preset="tiny"), logits)

@@ -6,7 +6,7 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prometheus_client import generate_latest
+from train_data import tiny_mae_args
 
 from train.metrics import TrainMetrics, write_targets
 
@@ -37,7 +38,7 @@ def dashboard_queries() -> list[str]:
 
 def concrete(expr: str) -> str:
     """A dashboard query as Prometheus runs it once Grafana fills in its variables."""
-    return expr.replace('"$run"', '".*"').replace("$__rate_interval", "10s")
+    return expr.replace('"$run"', '".*"').replace("$__rate_interval", "15s")
 
 
 def exercised_metrics() -> TrainMetrics:
@@ -72,6 +73,16 @@ def test_every_dashboard_and_alert_metric_is_exported():
     }
 
 
+def test_file_sd_targets_name_every_rank_of_a_node(tmp_path):
+    path = write_targets(tmp_path, "run7", [9402, 9403], host="node1", first_rank=2, name="run7-node1")
+    assert path == tmp_path / "prometheus-targets" / "run7-node1.json"
+    assert json.loads(path.read_text()) == [
+        {"targets": ["node1:9402"], "labels": {"run": "run7", "rank": "2"}},
+        {"targets": ["node1:9403"], "labels": {"run": "run7", "rank": "3"}},
+    ]
+    assert [p.name for p in path.parent.iterdir()] == ["run7-node1.json"]  # no temporary left
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,17 +96,14 @@ def query(port: int, expr: str) -> list:
     return body["data"]["result"]
 
 
-def test_prometheus_scrapes_the_exporter_and_the_dashboard_gets_data(tmp_path):
+def start_prometheus(tmp_path: Path, targets_dir: Path) -> tuple[subprocess.Popen, int]:
+    """Debian's Prometheus on loopback with ops/prometheus.yml (1 s scrapes) reading `targets_dir`."""
     prometheus = need("prometheus")
-    metrics, port = exercised_metrics(), free_port()
-    metrics.serve(port)
-    runs = tmp_path / "runs"
-    write_targets(runs, "test-run", [port])
     config = yaml.safe_load((OPS / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(OPS / "alerts.yml")]
     config["scrape_configs"][0]["file_sd_configs"] = [
-        {"files": [str(runs / "prometheus-targets" / "*.json")], "refresh_interval": "1s"}
+        {"files": [str(targets_dir / "*.json")], "refresh_interval": "1s"}
     ]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     web = free_port()
@@ -104,53 +112,73 @@ def test_prometheus_scrapes_the_exporter_and_the_dashboard_gets_data(tmp_path):
          f"--web.listen-address=127.0.0.1:{web}"],
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"),  # noqa: SIM115 (lives as long as the server)
     )  # fmt: skip
-    stop = threading.Event()
+    return proc, web
 
-    def train():  # a step every 100 ms, as a (very fast) training run would
-        n = 1
-        while not stop.is_set():
-            n += 1
-            metrics.step(
-                samples=4, tokens=512, data_wait_s=0.01, compute_s=0.09, loss=1.0 / n, lr=1e-3, grad_norm=0.5
-            )
-            metrics.loader(
-                queue_depth=n % 3, frames=64 * n, read_bytes=1000 * n, retries=0, errors=0, skipped=0
-            )
-            time.sleep(0.1)
 
-    worker = threading.Thread(target=train, daemon=True)
-    worker.start()
+def test_prometheus_scrapes_a_real_training_run_and_the_dashboard_gets_data(tmp_path, train_data):
+    """Two ranks of `lvmae train mae` (torchrun) with their exporters on; Prometheus finds them through the
+    file-SD list the run writes, and every dashboard query returns data while the run trains."""
+    runs = tmp_path / "runs"
+    prom, web = start_prometheus(tmp_path, runs / "prometheus-targets")
+    base = free_port_pair()
+    args = tiny_mae_args(
+        train_data,
+        runs / "monitored",
+        "optim.total_steps=1000000",
+        "run.steps=1000000",
+        "run.checkpoint_every=0",
+        f"run.metrics_port_base={base}",
+    )
+    cmd = [sys.executable, "-m", "lvmae.cli", "launch", "--launcher=torchrun", "--nproc=2"]
+    cmd += [f"--master-port={free_port()}", "--", *args]
+    log = open(tmp_path / "train.log", "w")  # noqa: SIM115 (lives as long as the run)
+    train = subprocess.Popen(cmd, cwd=OPS.parent, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        deadline, missing = time.monotonic() + 180, ["(not scraped yet)"]
+        while time.monotonic() < deadline and train.poll() is None:
+            time.sleep(1)
             try:
-                up = query(web, 'up{job="lvmae"}')
-                if (
-                    up
-                    and up[0]["value"][1] == "1"
-                    and len(query(web, "lvmae_train_steps_total[20s]")[0]["values"]) >= 4
-                ):
-                    break
-            except (OSError, IndexError, KeyError):
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(
-                "Prometheus never scraped the exporter:\n" + (tmp_path / "prometheus.log").read_text()[-2000:]
-            )
-        up = query(web, 'up{job="lvmae"}')[0]
-        assert up["metric"]["run"] == "test-run" and up["metric"]["rank"] == "0"
-        for expr in dashboard_queries():
-            assert query(web, concrete(expr)), f"no data for dashboard query {expr}"
-        assert (
-            float(
-                query(web, concrete('sum(rate(lvmae_train_samples_total{run=~"$run"}[$__rate_interval]))'))[
-                    0
-                ]["value"][1]
-            )
-            > 0
+                up = query(web, 'up{job="lvmae"} == 1')
+                if len(up) < 2 or len(query(web, "lvmae_train_steps_total[20s]")) < 2:
+                    continue
+                missing = [e for e in dashboard_queries() if not query(web, concrete(e))]
+            except (OSError, KeyError):
+                continue
+            if not missing:
+                break
+        assert train.poll() is None, "the run stopped:\n" + (tmp_path / "train.log").read_text()[-3000:]
+        assert not missing, (
+            f"no data for dashboard queries {missing}\n" + (tmp_path / "prometheus.log").read_text()[-2000:]
         )
+        up = query(web, 'up{job="lvmae"}')
+        assert sorted((t["metric"]["run"], t["metric"]["rank"]) for t in up) == [
+            ("monitored", "0"),
+            ("monitored", "1"),
+        ]
+        assert all(t["value"][1] == "1" for t in up)
+        rate = 'sum(rate(lvmae_train_samples_total{run=~"$run"}[$__rate_interval]))'
+        assert float(query(web, concrete(rate))[0]["value"][1]) > 0
+        loss = query(web, "lvmae_train_loss")
+        assert len(loss) == 2 and all(0 < float(t["value"][1]) < 10 for t in loss)
     finally:
-        stop.set()
-        proc.terminate()
-        proc.wait(timeout=20)
+        train.terminate()  # lvmae launch passes SIGTERM on to torchrun, which stops the ranks
+        try:
+            train.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            train.kill()
+        log.close()
+        prom.terminate()
+        prom.wait(timeout=20)
+
+
+def free_port_pair() -> int:
+    """A port P with P + 1 free too (the exporters of ranks 0 and 1)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair on 127.0.0.1")

@@ -22,19 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_data import VIDEO, tiny_mae_args
 
-from ingest.clips import ingest_clips
-from ingest.config import ClipSpec, IngestConfig
 from ingest.tokens import ingest_tokens
-from lvmae.config import TokenizerConfig, VideoSpec
-from lvmae.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from lvmae.tokenizer import load_tokenizer
 from lvmae.weights import load_mae
 from train.cli import launcher_command
 from train.trainer import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 LVMAE = [sys.executable, "-m", "lvmae.cli"]
-VIDEO = ["model.video.num_frames=8", "model.video.img_size=32", "model.video.patch_size=8"]
 TOKENIZER_VIDEO = [o.replace("model.", "tokenizer.") for o in VIDEO]
 
 
@@ -45,49 +42,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, sample_videos) -> tuple[Path, str]:
-    """(data set of 8-frame 32 px clips of the sample videos, id of its token set)."""
-    root = tmp_path_factory.mktemp("train")
-    spec = ClipSpec(num_frames=8, size=32)
-    sources = [str(p) for p in sample_videos.values()]
-    summary = ingest_clips(
-        sources, str(root / "data"), IngestConfig(clip=spec, shard_clips=8), progress=False
-    )
-    assert summary.num_samples >= 40
-    torch.manual_seed(0)
-    tok = TokenizerConfig(
-        video=VideoSpec(num_frames=8, img_size=32, patch_size=8),
-        base_channels=8,
-        channel_mult=[1, 1, 2, 2],
-        num_groups=4,
-        scorer_channels=8,
-        fsq_levels=[8, 5, 5],
-    )
-    tid = save_tokenizer(Tokenizer(tok).eval(), root / "tokenizer")
-    ingest_tokens(str(root / "data"), str(root / "tokenizer"), device="cpu", progress=False)
-    return root / "data", tid
+def data(train_data) -> tuple[Path, str]:
+    return train_data
 
 
 def mae_args(data: tuple[Path, str], out: Path, *extra: str) -> list[str]:
-    url, tid = data
-    return [
-        "train",
-        "mae",
-        str(REPO / "configs/demo_cpu.yaml"),
-        *VIDEO,
-        "model.target.fsq_levels=[8,5,5]",
-        f"data.url={url}",
-        f"data.tokens={tid}",
-        "data.batch_size=2",
-        "data.shuffle_buffer=8",
-        "optim.warmup_steps=3",
-        "run.steps=12",
-        "run.checkpoint_every=4",
-        "run.keep_last=2",
-        "run.metrics_port_base=0",
-        f"run.out={out}",
-        *extra,
-    ]
+    return tiny_mae_args(data, out, "run.steps=12", "run.checkpoint_every=4", *extra)
 
 
 def launch(args: list[str], launcher: str = "deepspeed", **kw) -> subprocess.Popen:
@@ -280,10 +240,9 @@ def test_launch_checks_the_config_before_starting_ranks(data, tmp_path: Path):
 
 def test_launcher_commands():
     rest = ["train", "mae", "r.yaml", "--resume", "auto"]
-    ds = launcher_command("deepspeed", 4, rest, hostfile="hosts", num_nodes=2, master_addr="10.0.0.1")
+    ds = launcher_command("deepspeed", None, rest, hostfile="hosts", num_nodes=2, master_addr="10.0.0.1")
     assert ds[0].endswith("deepspeed")
     assert ds[1:] == [
-        "--num_gpus=4",
         "--master_port=29500",
         "--hostfile=hosts",
         "--num_nodes=2",
@@ -294,7 +253,8 @@ def test_launcher_commands():
         *rest,
     ]
     local = launcher_command("deepspeed", 2, rest)
-    assert "--hostfile=/dev/null" in local and "--master_addr=127.0.0.1" in local
+    assert {"--num_gpus=2", "--hostfile=/dev/null", "--master_addr=127.0.0.1"} <= set(local)
+    assert "--num_gpus=8" in launcher_command("deepspeed", 8, rest, hostfile="hosts")
     tr = launcher_command(
         "torchrun", 2, rest, num_nodes=2, node_rank=1, master_addr="10.0.0.1", master_port=1234
     )

@@ -92,7 +92,7 @@ def add_train_parser(sub: Any) -> None:
 
 def launcher_command(
     launcher: str,
-    nproc: int,
+    nproc: int | None,
     rest: list[str],
     *,
     hostfile: str | None = None,
@@ -101,9 +101,10 @@ def launcher_command(
     master_addr: str | None = None,
     master_port: int = 29500,
 ) -> list[str]:
-    """The command that starts `lvmae REST...` on nproc processes per node (a pure function)."""
+    """The command that starts `lvmae REST...` on nproc processes per node (a pure function). With a
+    hostfile and nproc None, each node runs as many processes as its `slots`."""
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc or 1}"]
         cmd += [f"--nnodes={num_nodes or 1}", f"--master_port={master_port}"]
         if (num_nodes or 1) > 1:
             cmd += [f"--node_rank={node_rank or 0}"]
@@ -115,7 +116,10 @@ def launcher_command(
         raise UserError(
             "the deepspeed launcher is not installed (pip install deepspeed), or use --launcher torchrun"
         )
-    cmd = [deepspeed, f"--num_gpus={nproc}", f"--master_port={master_port}"]
+    cmd = [deepspeed]
+    if nproc is not None or not hostfile:
+        cmd += [f"--num_gpus={nproc or 1}"]
+    cmd += [f"--master_port={master_port}"]
     if hostfile:
         cmd += [f"--hostfile={hostfile}"]
         if num_nodes:
@@ -138,7 +142,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     # Parse and check the rank command here, once, rather than fail in every rank.
     parsed = build_parser().parse_args(rest)
     load_task(parsed.kind, parsed.config)
-    if args.nproc < 1:
+    if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     if args.hostfile and not Path(args.hostfile).is_file():
         raise UserError(f"no hostfile {args.hostfile}")
@@ -155,7 +159,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     env = {**os.environ, "LVMAE_LAUNCHED": "1"}  # ranks stop when their launcher dies
     if "OMP_NUM_THREADS" not in env and not args.hostfile:
         # The deepspeed launcher does not set it: ranks sharing the cores would oversubscribe them.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.nproc or 1)))
     print("lvmae launch: " + " ".join(cmd), flush=True)
     # The launcher and its ranks stay in this process group: Ctrl-C in a terminal, or a kill of the group,
     # reaches every rank. A SIGTERM sent to this process alone is passed on to the launcher.
@@ -179,7 +183,11 @@ def add_launch_parser(sub: Any) -> None:
         "processes), on this machine or on the hosts of a DeepSpeed hostfile (see ops/hostfile.example).",
     )
     p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
-    p.add_argument("--nproc", type=int, default=1, help="processes per node (default 1)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="processes per node (default 1; with --hostfile, the `slots` of each host)",
+    )
     p.add_argument(
         "--hostfile", help="DeepSpeed hostfile (MPI style: `host slots=N` per line) for multi-node"
     )

@@ -1,72 +1,97 @@
 """`make demo`: the pipeline end to end on the embedded default (local store, real videos, CPU).
 
-1. `lvmae ingest clips`: the four real sample videos -> VP9 clip shards + index.json in --out/data.
-2. Fit a tiny FSQ-MagViT tokenizer with its token scorer on the clips read back from the shards.
-3. `lvmae ingest tokens`: codes and priorities for every clip into the Zarr token store.
-4. Pretrain a tiny LVMAE: adaptive decoder masking (15% of tokens, top priority), token targets.
+1. `lvmae ingest clips`: the four real sample videos -> 16-frame 64 px VP9 clip shards + index.json.
+2. `lvmae launch --nproc 2 -- train tokenizer`: a tiny FSQ-MagViT tokenizer and token scorer, fitted on
+   the shards by two DeepSpeed ZeRO-3 processes.
+3. `lvmae ingest tokens`: its codes and priorities for every clip, into the Zarr token store.
+4. `lvmae launch --nproc 2 -- train mae`: a tiny LVMAE (adaptive decoder mask on the top-priority 15% of
+   tokens, token targets), two ZeRO-3 processes with their Prometheus endpoints live, stopped at a
+   checkpoint half way and resumed from it (`--resume auto`) to the end.
+5. A summary (losses falling, throughput, where everything is) and a PNG of one clip.
 
-Until the streaming DALI loader and DeepSpeed trainer land, steps 2 and 4 run in this process on
-the whole (small) data set in memory.
+`--store s3` does the same against a local S3 server (SeaweedFS on 127.0.0.1, started here). Every step
+resumes: running the demo again skips what is done.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-import numpy as np
-import torch
-import webdataset as wds
-from safetensors.torch import save_file
-from tqdm import tqdm
-
-from ingest.clips import ingest_clips
-from ingest.config import ClipSpec, IngestConfig
-from ingest.decode import decode_clip, to_model_input
-from ingest.samples import sample_videos
-from ingest.storage import Store
-from ingest.tokens import ingest_tokens, open_tokens
-from lvmae.config import (
-    MAEConfig,
-    MaskingConfig,
-    TargetConfig,
-    TokenizerConfig,
-    VideoSpec,
-    check_tokenizer_matches,
-    to_yaml,
-)
-from lvmae.losses import mae_loss
-from lvmae.mae import MaskedVideoAutoencoder
-from lvmae.tokenizer import Tokenizer, save_tokenizer, tokenizer_loss
+REPO = Path(__file__).resolve().parents[1]
+SHOWN = re.compile(r"^(step |checkpoint |resumed |exported |lvmae train|removed )|error:")
 
 
-def fit(name: str, steps: int, step_fn) -> list[float]:
-    losses = []
-    with tqdm(range(steps), desc=name, unit="step", file=sys.stdout) as bar:
-        for step in bar:
-            losses.append(step_fn(step))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return losses
+def free_port(pair: bool = False) -> int:
+    """A free port on 127.0.0.1 (with pair=True, one whose successor is free too)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if not pair:
+                return port
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port on 127.0.0.1")
 
 
-def read_dataset(root: Path) -> tuple[list[str], np.ndarray]:
-    """Every clip of a local data set: (keys, (N, T, H, W, 3) uint8), decoded as training will."""
-    index = json.loads((root / "index.json").read_text())
-    frames = index["clip_spec"]["num_frames"]
-    keys, clips = [], []
-    for shard in index["shards"]:
-        for sample in wds.WebDataset(str(root / shard["name"]), shardshuffle=False):
-            keys.append(sample["__key__"])
-            clips.append(decode_clip(sample[index["clip_spec"]["extension"]], frames))
-    return keys, np.stack(clips)
+def scrape(port: int, names: tuple[str, ...]) -> list[str]:
+    """Lines of a Prometheus endpoint whose metric is in `names`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    return [line for line in text.splitlines() if line.split("{")[0].split(" ")[0] in names]
 
 
-def head_tail(xs: list[float]) -> tuple[float, float]:
-    n = max(1, len(xs) // 10)
-    return round(sum(xs[:n]) / n, 4), round(sum(xs[-n:]) / n, 4)
+def launch(what: str, args: list[str], log: Path, metrics_port: int | None = None) -> None:
+    """`lvmae launch --nproc 2 -- train WHAT ARGS...`: rank 0's progress on the console, everything in
+    `log`. With metrics_port, rank 0's endpoint is read once while it trains and shown."""
+    cmd = [sys.executable, "-m", "lvmae.cli", "launch", "--nproc=2", f"--master-port={free_port()}"]
+    cmd += ["--", "train", what, *args]
+    shown_metrics = metrics_port is None
+    with open(log, "a") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            if SHOWN.match(line):
+                print("  " + line.rstrip(), flush=True)
+            if not shown_metrics and line.startswith("step "):
+                shown_metrics = True
+                with contextlib.suppress(OSError):
+                    names = ("lvmae_train_steps_total", "lvmae_train_samples_total", "lvmae_train_loss")
+                    got = scrape(metrics_port, names)  # type: ignore[arg-type]
+                    print(f"  metrics live at http://127.0.0.1:{metrics_port}/metrics (rank 0), e.g.:")
+                    for m in got:
+                        print(f"    {m}")
+    if proc.wait() != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        sys.exit(
+            f"{tail}\ndemo: `lvmae launch ... train {what}` failed (exit {proc.returncode}); all of it in {log}"
+        )
+
+
+def latest_step(run: Path) -> int:
+    pointer = run / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().split("-")[1]) if pointer.is_file() else 0
+
+
+def head_tail(values: list[float]) -> tuple[float, float]:
+    """Means of the first and the last tenth."""
+    n = max(1, len(values) // 10)
+    return sum(values[:n]) / n, sum(values[-n:]) / n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,104 +99,161 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="demo-out")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tokenizer-steps", type=int, default=120)
-    parser.add_argument("--mae-steps", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--store", choices=("local", "s3"), default="local")
+    parser.add_argument("--tokenizer-steps", type=int, default=150)
+    parser.add_argument("--mae-steps", type=int, default=300, help="the run stops half way and resumes")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    out = Path(args.out).absolute()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    # 1. Ingest (resumable: a re-run skips what is done).
-    data = out / "data"
-    spec = ClipSpec(num_frames=args.frames, size=args.size)
-    ingest = ingest_clips(
-        [str(p) for p in sample_videos().values()], str(data), IngestConfig(clip=spec, shard_clips=8)
-    )
-    keys, clips = read_dataset(data)
-    print(
-        f"ingest: {ingest.num_samples} clips of {args.frames}x{args.size}x{args.size} in {ingest.shards} shards -> {data}"
-    )
+    with contextlib.ExitStack() as stack:
+        if args.store == "s3":
+            from ingest.objectstore import LocalS3Server
 
-    # 2. Tokenizer: learns codes and per-token priority jointly.
-    video = VideoSpec(num_frames=args.frames, img_size=args.size)
-    tok_cfg = TokenizerConfig(
-        video=video, base_channels=8, num_groups=4, fsq_levels=[8, 5, 5, 5], keep_ratio=0.25
-    )
-    tokenizer = Tokenizer(tok_cfg)
-    opt = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(len(keys), generator=gen)[: args.batch_size]
-        return idx, to_model_input(clips[idx.numpy()])
-
-    def tokenizer_step(step: int) -> float:
-        _, x = batch(step)
-        loss, parts = tokenizer_loss(tokenizer(x), x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return float(parts["recon"])
-
-    tok_losses = fit("tokenizer", args.tokenizer_steps, tokenizer_step)
-    tid = save_tokenizer(tokenizer, out / "tokenizer")
-
-    # 3. Token store: the frozen tokenizer over every clip, into Zarr.
-    tokens = ingest_tokens(str(data), str(out / "tokenizer"), progress=False)
-    group = open_tokens(Store(str(data)), f"tokens/{tid}")
-    row = {str(k): i for i, k in enumerate(group["keys"][:]) if k}
-    rows = [row[k] for k in keys]
-    codes = torch.from_numpy(group["codes"][:][rows].astype(np.int64))
-    priority = torch.from_numpy(group["priority"][:][rows].astype(np.float32))
-    print(f"tokens: {tokens.num_valid} clips -> {tokens.store} (grid {tuple(codes.shape[1:])})")
-
-    # 4. LVMAE: the decoder reconstructs only the top-priority 15% of tokens, with token targets.
-    mae_cfg = MAEConfig(
-        preset="tiny",
-        video=video,
-        masking=MaskingConfig(encoder="tube", encoder_ratio=0.9, decoder="adaptive", decoder_budget=0.15),
-        target=TargetConfig(kind="tokens", token_loss="factorized", fsq_levels=list(tok_cfg.fsq_levels)),
-    ).resolved()
-    check_tokenizer_matches(mae_cfg, tok_cfg)
-    model = MaskedVideoAutoencoder(mae_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-
-    def mae_step(step: int) -> float:
-        idx, x = batch(step)
-        loss = mae_loss(model.cfg, model(x, priority=priority[idx], generator=gen), codes=codes[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    mae_losses = fit("lvmae", args.mae_steps, mae_step)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "mae.safetensors")
-    (out / "mae.yaml").write_text(to_yaml(model.cfg))
-
-    summary = {
-        "clips": ingest.num_samples,
-        "tokenizer_id": tid,
-        "tokenizer_recon_mse_first_last": head_tail(tok_losses),
-        "mae_token_loss_first_last": head_tail(mae_losses),
-        "tokens_per_clip": video.num_tokens,
-        "decoded_tokens_per_clip": round(0.15 * video.num_tokens),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    t0, t1 = summary["tokenizer_recon_mse_first_last"]
-    m0, m1 = summary["mae_token_loss_first_last"]
-    print(f"tokenizer {tid}: reconstruction MSE {t0:.4f} -> {t1:.4f}")
-    print(f"LVMAE (adaptive decoder mask, 15% of tokens, token targets): loss {m0:.3f} -> {m1:.3f}")
-    print(
-        f"artefacts in {out}/: data/ (shards, index, tokens), tokenizer/, mae.safetensors, mae.yaml, summary.json"
-    )
-    print(f"done in {summary['seconds']} s")
+            s3 = stack.enter_context(LocalS3Server(out / "s3"))
+            # Credentials reach every process through the standard AWS environment, never a config.
+            os.environ.update(
+                {
+                    "AWS_ACCESS_KEY_ID": s3.access_key,
+                    "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                    "AWS_ENDPOINT_URL": s3.endpoint_url,
+                    "AWS_DEFAULT_REGION": "us-east-1",
+                }
+            )
+            if not s3.filesystem().exists("lvmae-demo"):
+                s3.create_bucket("lvmae-demo")
+            data = "s3://lvmae-demo/data"
+            print(f"local S3 server at {s3.endpoint_url} (data in {out / 's3'})")
+        else:
+            data = str(out / "data")
+        summary = run_pipeline(args, out, data)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, out)
     return 0
+
+
+def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
+    from ingest.clips import ingest_clips
+    from ingest.config import ClipSpec, IngestConfig
+    from ingest.samples import sample_videos
+    from ingest.tokens import ingest_tokens
+    from train.trainer import read_log
+
+    logs = out / "logs"
+    print(f"1/5 ingest: the four sample videos -> 16-frame 64 px clip shards in {data}", flush=True)
+    spec = ClipSpec(num_frames=16, size=64)
+    ingest = ingest_clips(
+        [str(p) for p in sample_videos().values()],
+        data,
+        IngestConfig(clip=spec, shard_clips=8),
+        progress=True,
+    )
+    print(f"  {ingest.num_samples} clips in {ingest.shards} shards", flush=True)
+
+    print("2/5 train tokenizer: 2 processes, DeepSpeed ZeRO-3", flush=True)
+    tok_run = out / "runs" / "tokenizer"
+    steps = args.tokenizer_steps
+    tok_args = ["configs/tokenizer_demo_cpu.yaml", f"data.url={data}", f"run.out={tok_run}"]
+    tok_args += [
+        f"run.steps={steps}",
+        f"optim.total_steps={steps}",
+        f"optim.warmup_steps={min(10, steps // 4)}",
+    ]
+    tok_args += ["run.metrics_port_base=0"]
+    launch("tokenizer", [*tok_args, "--resume", "auto"], logs / "tokenizer.log")
+
+    print("3/5 ingest tokens: the frozen tokenizer's codes and priorities -> Zarr", flush=True)
+    tokens = ingest_tokens(data, str(tok_run / "tokenizer"), device="cpu", progress=True)
+    print(f"  {tokens.num_valid} clips -> {tokens.store}", flush=True)
+
+    print(
+        "4/5 train mae: tiny LVMAE, adaptive decoder mask (15% of tokens), token targets, 2 processes",
+        flush=True,
+    )
+    mae_run = out / "runs" / "mae"
+    total, half = args.mae_steps, args.mae_steps // 2
+    mae_args = ["configs/demo_cpu.yaml", f"data.url={data}", f"data.tokens={tokens.tokenizer_id}"]
+    mae_args += [
+        f"run.out={mae_run}",
+        f"optim.total_steps={total}",
+        f"optim.warmup_steps={min(20, total // 4)}",
+    ]
+    mae_args += [f"run.checkpoint_every={half}"]
+    port = free_port(pair=True)
+    if latest_step(mae_run) < half:
+        print(f"  first launch: to step {half}, then stop", flush=True)
+        run_args = [*mae_args, f"run.steps={half}", f"run.metrics_port_base={port}", "--resume", "auto"]
+        launch("mae", run_args, logs / "mae.log", metrics_port=port)
+    print(f"  second launch: --resume auto from the checkpoint, to step {total}", flush=True)
+    run_args = [*mae_args, f"run.steps={total}", f"run.metrics_port_base={port}", "--resume", "auto"]
+    launch("mae", run_args, logs / "mae.log", metrics_port=port)
+
+    print("5/5 figure: one clip, its priorities, masks and reconstructions", flush=True)
+    figure, accuracy = draw(data, tokens.tokenizer_id, tok_run / "tokenizer", mae_run / "export", out)
+    tok_log, mae_log = read_log(tok_run / "train_log.jsonl"), read_log(mae_run / "train_log.jsonl")
+    runs = {
+        name: json.loads((run / "summary.json").read_text())
+        for name, run in (("tokenizer", tok_run), ("mae", mae_run))
+    }
+    return {
+        "store": data,
+        "clips": ingest.num_samples,
+        "tokenizer_id": tokens.tokenizer_id,
+        "tokenizer_recon_mse_first_last": [round(x, 4) for x in head_tail([r["loss"] for r in tok_log])],
+        "mae_token_loss_first_last": [round(x, 4) for x in head_tail([r["loss"] for r in mae_log])],
+        "mae_steps": [r["step"] for r in mae_log][-1],
+        "clips_per_s": {"tokenizer": runs["tokenizer"]["clips_per_s"], "mae": runs["mae"]["clips_per_s"]},
+        "selected_code_accuracy": round(accuracy, 3),
+        "artefacts": {
+            "data": data,
+            "token_store": tokens.store,
+            "tokenizer": str(tok_run / "tokenizer"),
+            "mae_weights": str(mae_run / "export"),
+            "checkpoints": str(mae_run / "checkpoints"),
+            "train_logs": [str(tok_run / "train_log.jsonl"), str(mae_run / "train_log.jsonl")],
+            "prometheus_targets": str(out / "runs" / "prometheus-targets"),
+            "figure": str(figure),
+        },
+    }
+
+
+def draw(data: str, tokenizer_id: str, tokenizer_dir: Path, export: Path, out: Path) -> tuple[Path, float]:
+    from lvmae.tokenizer import load_tokenizer
+    from lvmae.weights import load_mae
+    from train.figure import reconstruct, save_figure
+    from train.loader import ClipLoader
+
+    loader = ClipLoader(data, 1, tokens=tokenizer_id, decoder="pyav", shuffle_buffer=0, epochs=1)
+    batch = next(iter(loader))
+    maps = reconstruct(
+        load_mae(export), load_tokenizer(tokenizer_dir), batch["video"], batch["codes"], batch["priority"]
+    )
+    accuracy = float(maps["code_accuracy"])
+    title = f"clip {batch['keys'][0]}: predicted codes right at {100 * accuracy:.0f}% of the rebuilt tokens"
+    return save_figure(maps, out / "lvmae_demo.png", title), accuracy
+
+
+def print_summary(s: dict, out: Path) -> None:
+    t0, t1 = s["tokenizer_recon_mse_first_last"]
+    m0, m1 = s["mae_token_loss_first_last"]
+    print()
+    print(f"demo done in {s['seconds']} s ({s['clips']} clips, store {s['store']})")
+    print(
+        f"  tokenizer {s['tokenizer_id']}: reconstruction MSE {t0:.4f} -> {t1:.4f} (first -> last tenth of steps)"
+    )
+    print(f"  LVMAE ({s['mae_steps']} steps, resumed once): token loss {m0:.3f} -> {m1:.3f}")
+    print(
+        f"  throughput: tokenizer {s['clips_per_s']['tokenizer']} clips/s, LVMAE {s['clips_per_s']['mae']} clips/s (2 CPU processes)"
+    )
+    print(
+        f"  decoder-selected tokens whose code LVMAE predicts exactly: {100 * s['selected_code_accuracy']:.0f}%"
+    )
+    print("  artefacts:")
+    for name, where in s["artefacts"].items():
+        print(f"    {name:<19} {where}")
+    print(f"  summary: {out / 'summary.json'}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ def join_process_group() -> Dist:
     )
     if "LVMAE_LAUNCHED" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
         exit_with_parent()
+    # DeepSpeed's ZeRO-3 calls a torch collective that torch 2.13 deprecates, once per step: not ours to fix.
+    warnings.filterwarnings(
+        "ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning
+    )
     init_distributed()
     return dist
 

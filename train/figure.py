@@ -1,0 +1,103 @@
+"""A picture of LVMAE at work on one clip (the demo's PNG; needs matplotlib, in the dev extra).
+
+Rows, for a few frames of the clip: the frames; the tokenizer's priority per token; what the encoder sees
+(hidden tokens greyed out); what the decoder reconstructs (the adaptive selection, in red); the tokenizer's
+decoding of the clip's true codes; and the same decoding with the model's predicted codes put in at the
+decoder-selected tokens, i.e. the clip as LVMAE reconstructs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lvmae.losses import predicted_codes
+from lvmae.mae import MaskedVideoAutoencoder
+from lvmae.tokenizer import Tokenizer
+
+
+def _token_map(flags: torch.Tensor, grid: tuple[int, int, int], t: int, p: int) -> torch.Tensor:
+    """(N,) per-token values -> (T, H, W) per pixel."""
+    m = flags.reshape(grid).float()
+    return m.repeat_interleave(t, 0).repeat_interleave(p, 1).repeat_interleave(p, 2)
+
+
+@torch.no_grad()
+def reconstruct(
+    model: MaskedVideoAutoencoder,
+    tokenizer: Tokenizer,
+    video: torch.Tensor,
+    codes: torch.Tensor,
+    priority: torch.Tensor,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """video (1, 3, T, H, W) in [0, 1]; codes, priority (1, T', H', W') -> per-pixel maps (T, H, W[, 3])."""
+    model.eval()
+    v = model.cfg.video
+    plan = model.plan(1, torch.Generator().manual_seed(seed), priority)
+    out = model(video, plan=plan)
+    keep = plan.loss_weight()[0] > 0  # selected and encoder-masked: the tokens the loss saw
+    ids = plan.ids_selected[0][keep]
+    mixed = codes.reshape(1, -1).clone()
+    mixed[0, ids] = predicted_codes(model.cfg, out.pred)[0][keep]
+    t, p = v.tubelet_size, v.patch_size
+
+    def rgb(x: torch.Tensor) -> torch.Tensor:
+        return x[0].permute(1, 2, 3, 0).clamp(0, 1)  # (T, H, W, 3)
+
+    flat_codes = codes.reshape(-1)
+    return {
+        "frames": rgb(video),
+        "priority": _token_map(priority.reshape(-1), v.grid, t, p),
+        "visible": _token_map(~plan.mask[0], v.grid, t, p),
+        "selected": _token_map(plan.selected[0], v.grid, t, p),
+        "tokenizer": rgb(tokenizer.decode_codes(codes, priority)),
+        "lvmae": rgb(tokenizer.decode_codes(mixed.view_as(codes), priority)),
+        "code_accuracy": (mixed[0, ids] == flat_codes[ids]).float().mean().reshape(1),
+    }
+
+
+def save_figure(maps: dict[str, torch.Tensor], path: str | Path, title: str, columns: int = 4) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = maps["frames"]
+    n = frames.shape[0]
+    picks = [round(i * (n - 1) / max(columns - 1, 1)) for i in range(columns)]
+    # One colour scale for the whole clip, stretched to its range: the ranking is what matters.
+    prio = {"vmin": float(maps["priority"].min()), "vmax": float(maps["priority"].max())}
+    rows = [
+        ("clip", lambda f: frames[f], {}),
+        ("priority", lambda f: maps["priority"][f], {"cmap": "magma", **prio}),
+        ("encoder sees", lambda f: frames[f] * (0.25 + 0.75 * maps["visible"][f][..., None]), {}),
+        ("decoder rebuilds", lambda f: _tint(frames[f], maps["selected"][f]), {}),
+        ("tokenizer (true codes)", lambda f: maps["tokenizer"][f], {}),
+        ("LVMAE (predicted codes)", lambda f: maps["lvmae"][f], {}),
+    ]
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.2 * len(rows)), squeeze=False)
+    for r, (label, image, kwargs) in enumerate(rows):
+        for c, f in enumerate(picks):
+            ax = axes[r][c]
+            ax.imshow(image(f).numpy(), **kwargs)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"frame {f}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _tint(frame: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Selected pixels tinted red, the rest dimmed."""
+    red = torch.tensor([1.0, 0.1, 0.1])
+    sel = flags[..., None]
+    return sel * (0.5 * frame + 0.5 * red) + (1 - sel) * 0.4 * frame

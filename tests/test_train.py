@@ -261,3 +261,16 @@ def test_launcher_commands():
     assert tr[1:3] == ["-m", "torch.distributed.run"]
     assert {"--nproc_per_node=2", "--nnodes=2", "--node_rank=1", "--master_port=1234"} <= set(tr)
     assert tr[-len(rest) - 2 :] == ["-m", "lvmae.cli", *rest]
+
+
+def test_a_busy_metrics_port_is_one_clear_line(data, tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = mae_args(data, tmp_path / "run", f"run.metrics_port_base={port}")
+        run = subprocess.run([*LVMAE, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in run.stderr
+    assert "run.metrics_port_base" in run.stderr
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lvmae.errors import UserError
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import saved_yaml
 from train.engine import (
@@ -139,7 +140,7 @@ def build_metrics(cfg: Any, dist: Dist) -> TrainMetrics:
     try:
         metrics.serve(base + dist.rank, addr)
     except OSError as err:
-        raise RuntimeError(
+        raise UserError(
             f"rank {dist.rank} cannot serve metrics on {addr}:{base + dist.rank} ({err}): set "
             "run.metrics_port_base to free ports (or 0 to turn metrics off)"
         ) from None
@@ -228,6 +229,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
     loader = build_loader(cfg, task, dist)
     ckpts = Checkpoints(out / "checkpoints", dist.rank, dist.world_size, cfg.run.keep_last)
     start = pick_checkpoint(ckpts, resume)
+    metrics = build_metrics(cfg, dist)  # a busy port fails here, before anything is written
     config_yaml = saved_yaml(cfg)
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +252,6 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
         _say(dist, f"resumed from {start} at step {step}")
     if step > cfg.run.steps:
         raise CheckpointError(f"{start} is at step {step}, past run.steps={cfg.run.steps}")
-    metrics = build_metrics(cfg, dist)
     n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
     _say(
         dist,

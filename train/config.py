@@ -122,6 +122,18 @@ class RunConfig:
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be a positive integer")
 
 
+def _validate_training(data: DataConfig, optim: OptimConfig, run: RunConfig) -> None:
+    """The sections every training config shares, and how they bound each other."""
+    data.validate("data")
+    optim.validate("optim")
+    run.validate("run")
+    _check(
+        run.steps <= optim.total_steps,
+        "run.steps",
+        f"{run.steps} exceeds optim.total_steps {optim.total_steps} (the schedule's end)",
+    )
+
+
 @dataclass
 class TrainConfig:
     """Everything one pretraining run needs; saved, resolved, with every run and checkpoint."""
@@ -133,14 +145,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.model.validate("model")
-        self.data.validate("data")
-        self.optim.validate("optim")
-        self.run.validate("run")
-        _check(
-            self.run.steps <= self.optim.total_steps,
-            "run.steps",
-            f"{self.run.steps} exceeds optim.total_steps {self.optim.total_steps} (the schedule's end)",
-        )
+        _validate_training(self.data, self.optim, self.run)
         if self.model.target.kind == "tokens" or self.model.masking.decoder == "adaptive":
             _check(
                 self.data.tokens is not None,
@@ -168,14 +173,7 @@ class TokenizerTrainConfig:
 
     def validate(self) -> None:
         self.tokenizer.validate("tokenizer")
-        self.data.validate("data")
-        self.optim.validate("optim")
-        self.run.validate("run")
-        _check(
-            self.run.steps <= self.optim.total_steps,
-            "run.steps",
-            f"{self.run.steps} exceeds optim.total_steps {self.optim.total_steps} (the schedule's end)",
-        )
+        _validate_training(self.data, self.optim, self.run)
         _check(self.data.tokens is None, "data.tokens", "the tokenizer trains on clips alone: leave it unset")
 
 

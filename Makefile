@@ -17,7 +17,7 @@ help:
 	@echo "make demo   - run the end-to-end demo on the embedded default (CPU, local store; STORE=s3: local S3)"
 	@echo "make test   - run the test suite"
 	@echo "make lint   - ruff check + format check"
-	@echo "make bench  - run the benchmarks in bench/ (writes bench/results/)"
+	@echo "make bench  - run the benchmarks in bench/ (writes bench/results/; about 30 minutes on 2 cores)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,8 +52,14 @@ demo: venv
 	$(BIN)/lvmae info
 	$(BIN)/python -m train.demo --out $(DEMO_OUT) --store $(STORE)
 
+# About 30 minutes on the 2-core CPU machines (docs/benchmarks.md); ingest_throughput needs Debian's ffmpeg.
 bench: venv
 	$(BIN)/python bench/fig1_memory.py
+	$(BIN)/python bench/loader_throughput.py
+	$(BIN)/python bench/train_step.py --steps 2 --recipes demo_cpu \
+	  "vitb_128f:data.batch_size=1,run.precision=fp32" "vitb_128f:run.precision=fp32"
+	@if command -v ffmpeg >/dev/null; then $(BIN)/python bench/ingest_throughput.py --tokens; \
+	  else echo "ffmpeg not installed: skipping bench/ingest_throughput.py"; fi
 
 clean:
 	rm -rf $(VENV) demo-out demo-out-s3 .pytest_cache .ruff_cache

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lvmae", description="Long-video masked autoencoders: ingest, train, monitor."
     )
+    # The deepspeed launcher puts --local_rank=N before the rank's arguments unless given --no_local_rank
+    # (`lvmae launch` gives it); the rank reads LOCAL_RANK from its environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="versions, CUDA and DALI status, model presets")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")

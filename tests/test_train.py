@@ -274,3 +274,11 @@ def test_a_busy_metrics_port_is_one_clear_line(data, tmp_path: Path):
     assert f"cannot serve metrics on 127.0.0.1:{port}" in run.stderr
     assert "run.metrics_port_base" in run.stderr
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted():
+    """Started by `deepspeed` without --no_local_rank, a rank gets `--local_rank=N` before its arguments."""
+    cmd = [*LVMAE, "--local_rank=1", "train", "mae", str(REPO / "configs/demo_cpu.yaml"), "data.tokens=x"]
+    run = subprocess.run([*cmd, "run.precision=fp16"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "run.precision: must be one of" in run.stderr, run.stderr
+    assert "unrecognized arguments" not in run.stderr

@@ -50,12 +50,13 @@ def load_task(kind: str, items: list[str]) -> tuple[Any, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    task, cfg = load_task(args.kind, args.config)  # a bad config fails before DeepSpeed is imported
+
     from ingest.tokens import TokensError
     from train.checkpoint import CheckpointError
     from train.loader import LoaderError
     from train.trainer import train
 
-    task, cfg = load_task(args.kind, args.config)
     try:
         summary = train(task, cfg, resume=args.resume)
     except (LoaderError, CheckpointError, TokensError) as err:

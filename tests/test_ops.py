@@ -139,7 +139,8 @@ def test_prometheus_scrapes_a_real_training_run_and_the_dashboard_gets_data(tmp_
             time.sleep(1)
             try:
                 up = query(web, 'up{job="lvmae"} == 1')
-                if len(up) < 2 or len(query(web, "lvmae_train_steps_total[20s]")) < 2:
+                # Every rank scraped after its first steps (a gauge reads 0 before any step).
+                if len(up) < 2 or len(query(web, "lvmae_train_steps_total > 2")) < 2:
                     continue
                 missing = [e for e in dashboard_queries() if not query(web, concrete(e))]
             except (OSError, KeyError):
@@ -159,7 +160,8 @@ def test_prometheus_scrapes_a_real_training_run_and_the_dashboard_gets_data(tmp_
         rate = 'sum(rate(lvmae_train_samples_total{run=~"$run"}[$__rate_interval]))'
         assert float(query(web, concrete(rate))[0]["value"][1]) > 0
         loss = query(web, "lvmae_train_loss")
-        assert len(loss) == 2 and all(0 < float(t["value"][1]) < 10 for t in loss)
+        values = {t["metric"]["rank"]: float(t["value"][1]) for t in loss}
+        assert len(values) == 2 and all(0 < v < 10 for v in values.values()), values
     finally:
         train.terminate()  # lvmae launch passes SIGTERM on to torchrun, which stops the ranks
         try:

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import yaml
 from prometheus_client import generate_latest
 from train_data import tiny_mae_args
 
+from train.demo import free_port
 from train.metrics import TrainMetrics, write_targets
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
@@ -83,12 +83,6 @@ def test_file_sd_targets_name_every_rank_of_a_node(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["run7-node1.json"]  # no temporary left
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def query(port: int, expr: str) -> list:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     body = json.loads(urllib.request.urlopen(url, timeout=5).read())
@@ -120,7 +114,7 @@ def test_prometheus_scrapes_a_real_training_run_and_the_dashboard_gets_data(tmp_
     file-SD list the run writes, and every dashboard query returns data while the run trains."""
     runs = tmp_path / "runs"
     prom, web = start_prometheus(tmp_path, runs / "prometheus-targets")
-    base = free_port_pair()
+    base = free_port(pair=True)  # ranks 0 and 1 serve on base and base + 1
     args = tiny_mae_args(
         train_data,
         runs / "monitored",
@@ -171,16 +165,3 @@ def test_prometheus_scrapes_a_real_training_run_and_the_dashboard_gets_data(tmp_
         log.close()
         prom.terminate()
         prom.wait(timeout=20)
-
-
-def free_port_pair() -> int:
-    """A port P with P + 1 free too (the exporters of ranks 0 and 1)."""
-    for _ in range(100):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair on 127.0.0.1")

@@ -27,7 +27,7 @@ from torch import nn
 
 from lvmae.config import TokenizerConfig, load_config, to_dict
 from lvmae.fsq import FSQ, LFQ, Quantized
-from lvmae.weights import replace_atomically
+from lvmae.weights import replace_atomically, write_text_atomically
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -283,13 +283,8 @@ def save_tokenizer(model: Tokenizer, directory: str | os.PathLike[str]) -> str:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     replace_atomically(d, WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"tokenizer_id": tid}))
 
-    def write_config(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump({**to_dict(model.cfg), "tokenizer_id": tid}, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-
-    replace_atomically(d, CONFIG_FILE, write_config)
+    config = {**to_dict(model.cfg), "tokenizer_id": tid}
+    write_text_atomically(d / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
     return tid
 
 

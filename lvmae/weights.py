@@ -35,20 +35,26 @@ def replace_atomically(directory: Path, name: str, write: Callable[[str], None])
         raise
 
 
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Create or replace a text file atomically: written and fsynced beside it, then renamed over it."""
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    replace_atomically(path.parent, path.name, write)
+
+
 def save_mae(state: dict[str, torch.Tensor], cfg: MAEConfig, directory: str | os.PathLike[str]) -> Path:
     """Write model.safetensors then config.yaml (its presence means the export is complete); -> directory."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     replace_atomically(d, MAE_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "lvmae-mae"}))
-
-    def write_config(p: str) -> None:
-        with open(p, "w") as f:
-            f.write(to_yaml(cfg.resolved()))
-            f.flush()
-            os.fsync(f.fileno())
-
-    replace_atomically(d, MAE_CONFIG, write_config)
+    write_text_atomically(d / MAE_CONFIG, to_yaml(cfg.resolved()))
     return d
 
 

@@ -16,8 +16,8 @@ import yaml
 from prometheus_client import generate_latest
 from train_data import tiny_mae_args
 
-from train.demo import free_port
 from train.metrics import TrainMetrics, write_targets
+from train.trainer import free_port
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lvmae.weights import write_text_atomically
+
 LATEST = "latest"
 META = "meta.json"
 _STEP = re.compile(r"^step-(\d{8})$")
@@ -72,16 +74,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Create or replace `path` atomically (temporary file in the same folder, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Checkpoints:
@@ -130,17 +122,17 @@ class Checkpoints:
         engine.save_checkpoint(str(self.dir), tag=tmp_name, save_latest=False)
         tmp = self.dir / tmp_name
         state = {**rank_state, "rng": rng_state()}
-        _write_text(tmp / f"rank-{self.rank:05d}.json", json.dumps(state))
+        write_text_atomically(tmp / f"rank-{self.rank:05d}.json", json.dumps(state))
         _barrier(dist)
         final = self.dir / name
         if self.rank == 0:
-            _write_text(tmp / "config.yaml", config_yaml)
+            write_text_atomically(tmp / "config.yaml", config_yaml)
             meta = {"step": step, "world_size": self.world_size, "time": time.time()}
-            _write_text(tmp / META, json.dumps(meta, indent=1) + "\n")
+            write_text_atomically(tmp / META, json.dumps(meta, indent=1) + "\n")
             if final.exists():  # a checkpoint of this step from an earlier attempt: the new one wins
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_text(self.dir / LATEST, name + "\n")
+            write_text_atomically(self.dir / LATEST, name + "\n")
             self._prune()
         _barrier(dist)  # nobody goes on (or reads `latest`) before the rename
         return final

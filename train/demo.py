@@ -20,32 +20,16 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from train.trainer import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SHOWN = re.compile(r"^(step |checkpoint |resumed |exported |lvmae train|removed )|error:")
-
-
-def free_port(pair: bool = False) -> int:
-    """A free port on 127.0.0.1 (with pair=True, one whose successor is free too)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            if not pair:
-                return port
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def scrape(port: int, names: tuple[str, ...]) -> list[str]:

@@ -144,7 +144,8 @@ def write_targets(
     ]
     path = Path(runs_dir) / TARGETS_DIR / f"{name or run}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, indent=1) + "\n")
-    os.replace(tmp, path)  # Prometheus re-reads the file on change: never let it see half of one
+    from lvmae.weights import write_text_atomically  # here: the metrics themselves need no torch
+
+    # Prometheus re-reads the file on change: never let it see half of one.
+    write_text_atomically(path, json.dumps(entries, indent=1) + "\n")
     return path

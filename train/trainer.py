@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lvmae.errors import UserError
+from lvmae.weights import write_text_atomically
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import saved_yaml
 from train.engine import (
@@ -59,10 +60,21 @@ class Dist:
         return self.rank // self.local_world_size
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(pair: bool = False) -> int:
+    """A free TCP port on 127.0.0.1 (with pair=True, one whose successor is free too)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if not pair:
+                return port
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair on 127.0.0.1")
 
 
 def join_process_group() -> Dist:
@@ -71,7 +83,7 @@ def join_process_group() -> Dist:
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     world = int(os.environ["WORLD_SIZE"])
     dist = Dist(
         rank=int(os.environ["RANK"]),
@@ -166,9 +178,7 @@ class TrainLog:
         if not self.enabled or not self.path.is_file():
             return
         keep = [line for line in read_log(self.path) if line["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_text_atomically(self.path, "".join(json.dumps(line) + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -350,7 +360,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
         ),
         "export": str(exported) if exported else None,
         "peak_memory": dict(zip(("kind", "bytes"), peak_memory_bytes())),
-        "loader": {k: v for k, v in loader.stats.items()},
+        "loader": dict(loader.stats),
     }
     if dist.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -66,7 +66,7 @@ def run_one(recipe: str, steps: int, overrides: list[str]) -> dict:
 
     def step(i: int) -> float:
         start = time.perf_counter()
-        loss = task.loss(engine, batch, video, torch.Generator().manual_seed(step_seed(0, i, 0)))
+        loss = task.loss(engine, batch, video, torch.Generator().manual_seed(step_seed(0, i, 0)), i)
         engine.backward(loss)
         engine.step()
         loss.item()  # sync point: the step is done

@@ -22,6 +22,11 @@ DECODER_MASKINGS = ("all", "random", "running_cell", "adaptive")
 TARGETS = ("pixels", "tokens")
 TOKEN_LOSSES = ("softmax", "factorized")
 QUANTIZERS = ("fsq", "lfq")
+TOPK_METHODS = ("perturbed", "sigmoid")
+TEMPORAL_PADDINGS = ("replicate", "zeros")
+NORMS = ("group", "channel")
+DECODER_CONTEXTS = ("none", "temporal_mean", "keyframe", "hold")
+SCORER_INPUTS = ("frames", "frames_and_differences")
 
 
 class ConfigError(ValueError):
@@ -218,13 +223,50 @@ class TokenizerConfig:
     channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     num_res_blocks: int = 1
     num_groups: int = 8
+    # `group`: GroupNorm (MAGVIT), statistics over the whole clip per group of channels; `channel`: each
+    # position's channels alone. Without residual blocks, GroupNorm's last layers erase what is constant
+    # over the clip (its colour): small tokenizers with num_res_blocks=0 learn much faster with `channel`.
+    norm: str = "group"
+    # A linear path beside the convs: a tubelet-sized patchify conv adds to the encoder's latent, and its
+    # transpose to the decoder's output. The tokenizer then learns a linear code at once (a tiny one on a
+    # CPU otherwise spends its first thousand steps below the clip's mean colour) and the convs refine it.
+    patch_skip: bool = False
     quantizer: str = "fsq"
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
     lfq_bits: int = 12
     lfq_entropy_weight: float = 0.1
     scorer_channels: int = 32
-    keep_ratio: float = 0.25  # fraction of tokens the decoder sees while training
+    # What the scorer's first conv sees: the frames, or the frames and each frame's difference from the
+    # one before (motion is then one conv away, as in temporal-difference video networks; which changes
+    # matter is still learned from the reconstruction).
+    scorer_input: str = "frames_and_differences"
+    # Time padding of every 3D conv: `replicate` (the edge frames repeated) or `zeros`; with causal=True
+    # all padding in time goes before the clip (MAGVIT-v2's causal convs): no output sees later frames.
+    temporal_padding: str = "replicate"
+    causal: bool = False
+    # Token selection while training: the decoder sees the top keep_ratio of tokens by score (the rest
+    # become a learned mask token), through a differentiable top-k: `perturbed` (Berthet et al. 2020:
+    # Gaussian noise of topk_sigma row standard deviations, topk_samples draws) or `sigmoid`
+    # (straight-through, topk_temperature).
+    keep_ratio: float = 0.25
+    topk: str = "perturbed"
+    topk_sigma: float = 1.0
+    topk_samples: int = 128
     topk_temperature: float = 0.05
+    # keep_ratio falls linearly from 1 (every token kept: the autoencoder learns first) to its value over
+    # the first keep_warmup_steps training steps.
+    keep_warmup_steps: int = 0
+    # While training, a random context_ratio of the tokens reaches the decoder on top of the selected
+    # ones, as the visible tokens reach the MAE decoder: the scorer then learns which tokens cannot be
+    # rebuilt from such context, not merely which ones cover most pixels.
+    context_ratio: float = 0.0
+    # `temporal_mean`: the decoder also gets, at every time step, the mean of the kept latents at the same
+    # spatial position, so static content kept once reaches every frame. `keyframe`: the first time step's
+    # tokens are always kept and reach every time step beside each token: what has not changed since then
+    # needs no token of its own. `hold`: the first time step is always kept, and beside each token the
+    # decoder gets the latest kept latent at the same position (a video codec's held block): what has not
+    # changed since the last kept token needs no token of its own.
+    decoder_context: str = "hold"
 
     @property
     def latent_dim(self) -> int:
@@ -259,6 +301,12 @@ class TokenizerConfig:
                 f"{self.num_groups} does not divide channel count {self.base_channels * m}",
             )
         _check(self.num_res_blocks >= 0, f"{prefix}.num_res_blocks", "must be >= 0")
+        _choice(self.norm, f"{prefix}.norm", NORMS)
+        _check(
+            not (self.causal and self.norm == "group"),
+            f"{prefix}.norm",
+            "causal: true needs norm: channel (GroupNorm's statistics span the whole clip, later frames too)",
+        )
         _choice(self.quantizer, f"{prefix}.quantizer", QUANTIZERS)
         _check(
             len(self.fsq_levels) >= 1 and all(lv >= 2 for lv in self.fsq_levels),
@@ -267,8 +315,22 @@ class TokenizerConfig:
         )
         _check(1 <= self.lfq_bits <= 30, f"{prefix}.lfq_bits", "must be in [1, 30]")
         _check(self.scorer_channels >= 1, f"{prefix}.scorer_channels", "must be positive")
+        _choice(self.scorer_input, f"{prefix}.scorer_input", SCORER_INPUTS)
+        _choice(self.temporal_padding, f"{prefix}.temporal_padding", TEMPORAL_PADDINGS)
         _check(0.0 < self.keep_ratio <= 1.0, f"{prefix}.keep_ratio", "must be in (0, 1]")
+        _choice(self.topk, f"{prefix}.topk", TOPK_METHODS)
+        _check(self.topk_sigma > 0, f"{prefix}.topk_sigma", "must be positive")
+        _check(self.topk_samples >= 1, f"{prefix}.topk_samples", "must be a positive integer")
         _check(self.topk_temperature > 0, f"{prefix}.topk_temperature", "must be positive")
+        _check(self.keep_warmup_steps >= 0, f"{prefix}.keep_warmup_steps", "must be >= 0")
+        _check(0.0 <= self.context_ratio < 1.0, f"{prefix}.context_ratio", "must be in [0, 1)")
+        _choice(self.decoder_context, f"{prefix}.decoder_context", DECODER_CONTEXTS)
+
+    def keep_ratio_at(self, step: int | None) -> float:
+        """The training keep ratio at optimizer step `step` (None: the final one)."""
+        if step is None or step >= self.keep_warmup_steps:
+            return self.keep_ratio
+        return 1.0 - (1.0 - self.keep_ratio) * step / self.keep_warmup_steps
 
 
 def check_tokenizer_matches(model: MAEConfig, tokenizer: TokenizerConfig) -> None:

@@ -1,20 +1,22 @@
 """FSQ-MagViT tokenizer with a token scorer (LVMAE, "Extending Video Masked Autoencoders to 128 frames").
 
 A 3D-conv encoder maps a clip (B, C, T, H, W) to latents on exactly the MAE tubelet grid (T/t, H/p, W/p),
-so each code is the target of one MAE token. A small CNN scorer gives each token a priority in (0, 1); a
-differentiable top-k keeps a fraction of tokens, and the decoder rebuilds the clip from the kept latents
-weighted by their scores. The reconstruction loss therefore teaches the scorer which tokens carry the most
-information: its scores later choose which tokens the MAE decoder reconstructs.
+each centred on its own tubelet, so each code is the target of one MAE token. A small CNN scorer gives
+each token a priority (a logit, computed from its own tubelet and its neighbours). While training, a
+differentiable top-k (the perturbed maximum of lvmae.topk) keeps a fraction of the tokens and the decoder
+rebuilds the clip from them, a learned mask token standing in for the rest; with the `hold` decoder
+context it also gets, at each position, the latest kept latent, so a token that repeats what was kept
+before adds nothing. The reconstruction loss therefore teaches the scorer which tokens carry information
+the others do not: what changes. Its scores later choose which tokens the MAE decoder reconstructs.
 
 Once trained the tokenizer is frozen and identified by `tokenizer_id` (a hash of config and weights), which
-names its token store.
+names its token store. docs/tokenizer.md has the design, the measurements and the diagnostics.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -27,139 +29,29 @@ from torch import nn
 
 from lvmae.config import TokenizerConfig, load_config, to_dict
 from lvmae.fsq import FSQ, LFQ, Quantized
+from lvmae.magvit import Decoder, Encoder, TokenScorer
+from lvmae.topk import (
+    hard_topk_mask,
+    perturbed_topk_mask,
+    sigmoid_topk_mask,
+    standardize,
+    topk_count,
+)
 from lvmae.weights import replace_atomically, write_text_atomically
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class ResBlock(nn.Module):
-    """MAGVIT residual block: (GroupNorm, SiLU, Conv3d 3x3x3) twice, 1x1x1 skip when channels change."""
-
-    def __init__(self, c_in: int, c_out: int, num_groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, c_in)
-        self.conv1 = nn.Conv3d(c_in, c_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(num_groups, c_out)
-        self.conv2 = nn.Conv3d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
-
-
-def _level_channels(cfg: TokenizerConfig) -> list[int]:
-    return [cfg.base_channels * m for m in cfg.channel_mult]
-
-
-def _time_halvings(cfg: TokenizerConfig) -> int:
-    """Resolution steps that also halve (encoder) or double (decoder) T: log2(tubelet_size)."""
-    return int(math.log2(cfg.video.tubelet_size))
-
-
-class Encoder(nn.Module):
-    """(B, C, T, H, W) -> (B, latent_dim, T/t, H/p, W/p)."""
-
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        chans, g, nt = _level_channels(cfg), cfg.num_groups, _time_halvings(cfg)
-        self.conv_in = nn.Conv3d(cfg.video.in_chans, chans[0], 3, padding=1)
-        layers: list[nn.Module] = []
-        for i, ch in enumerate(chans):
-            layers += [ResBlock(ch, ch, g) for _ in range(cfg.num_res_blocks)]
-            if i < len(chans) - 1:
-                # The strided conv also moves to the next level's width, so num_res_blocks=0 still works.
-                stride = (2 if i < nt else 1, 2, 2)
-                layers.append(nn.Conv3d(ch, chans[i + 1], 3, stride=stride, padding=1))
-        self.blocks = nn.Sequential(*layers)
-        self.norm_out = nn.GroupNorm(g, chans[-1])
-        self.conv_out = nn.Conv3d(chans[-1], cfg.latent_dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.conv_in(x))
-        return self.conv_out(F.silu(self.norm_out(x)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour upsample then conv (no transposed conv: it leaves checkerboard artefacts)."""
-
-    def __init__(self, c_in: int, c_out: int, time: bool):
-        super().__init__()
-        self.scale = (2.0 if time else 1.0, 2.0, 2.0)
-        self.conv = nn.Conv3d(c_in, c_out, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=self.scale, mode="nearest"))
-
-
-class Decoder(nn.Module):
-    """(B, latent_dim, T', H', W') -> (B, C, T, H, W); the encoder mirrored, output unbounded."""
-
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        chans, g, nt = _level_channels(cfg), cfg.num_groups, _time_halvings(cfg)
-        self.conv_in = nn.Conv3d(cfg.latent_dim, chans[-1], 3, padding=1)
-        layers: list[nn.Module] = []
-        for i in reversed(range(len(chans))):
-            layers += [ResBlock(chans[i], chans[i], g) for _ in range(cfg.num_res_blocks)]
-            if i > 0:
-                # Undoes the encoder step from level i-1 to i, which halved T when i-1 < log2(t).
-                layers.append(Upsample(chans[i], chans[i - 1], time=i - 1 < nt))
-        self.blocks = nn.Sequential(*layers)
-        self.norm_out = nn.GroupNorm(g, chans[0])
-        self.conv_out = nn.Conv3d(chans[0], cfg.video.in_chans, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.conv_in(z))
-        return self.conv_out(F.silu(self.norm_out(x)))
-
-
-class TokenScorer(nn.Module):
-    """Small strided CNN on the clip: (B, C, T, H, W) -> (B, T', H', W') logits, one per token."""
-
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        sc, nt = cfg.scorer_channels, _time_halvings(cfg)
-        groups = math.gcd(cfg.num_groups, sc)  # validate() does not tie scorer_channels to num_groups
-        steps = len(cfg.channel_mult) - 1  # the encoder's downsampling schedule, so the grids match
-        s = 2 if steps > 0 else 1  # patch_size 1 still gets one (stride-1) conv
-        layers: list[nn.Module] = []
-        c_in = cfg.video.in_chans
-        for i in range(max(steps, 1)):
-            stride = (2 if i < nt else 1, s, s)
-            layers += [nn.Conv3d(c_in, sc, 3, stride=stride, padding=1), nn.GroupNorm(groups, sc), nn.SiLU()]
-            c_in = sc
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Conv3d(sc, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x)).squeeze(1)
-
-
-def soft_topk_mask(scores: torch.Tensor, keep_ratio: float, temperature: float) -> torch.Tensor:
-    """Differentiable top-k: (B, N) scores -> (B, N) mask.
-
-    The forward value is exactly the hard 0/1 mask of the k = max(1, round(keep_ratio * N)) largest scores
-    per row (ties broken by torch.topk, so the count is always k). The backward pass goes through
-    sigmoid((s - threshold) / temperature), with the threshold halfway between the k-th and (k+1)-th
-    largest score: every token, kept or not, gets a gradient pushing it across the boundary.
-    """
-    n = scores.shape[1]
-    k = min(n, max(1, round(keep_ratio * n)))
-    top = scores.detach().topk(min(k + 1, n), dim=1)  # values (B, k+1) sorted descending
-    hard = torch.zeros_like(scores).scatter_(1, top.indices[:, :k], 1.0)
-    if k < n:
-        threshold = (top.values[:, k - 1] + top.values[:, k]) / 2
-    else:  # everything kept: put the boundary just below the smallest score
-        threshold = top.values[:, k - 1] - temperature
-    x = (scores - threshold[:, None]) / temperature
-    # sigmoid(x) for large x rounds to 1.0 in float32 and its gradient y * (1 - y) to 0; 1 - sigmoid(-x) has
-    # the same value but keeps the gradient, so tokens far above the threshold still learn.
-    soft = torch.where(x >= 0, 1 - torch.sigmoid(-x), torch.sigmoid(x))
-    # hard + (soft - soft) is bit-exact `hard` in the forward pass; (hard + soft) - soft would not be.
-    return hard + (soft - soft.detach())
+def held_latents(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """z (B, T', H', W', d), keep (B, T', H', W') in [0, 1] -> (B, T', H', W', d): at each time step the
+    latest kept latent at the same position, h_t = keep_t z_t + (1 - keep_t) h_{t-1}, h_0 = z_0 (soft
+    masks blend, hard ones hold). Causal: h_t depends on nothing after t."""
+    m = keep[..., None]
+    held = [z[:, 0]]
+    for t in range(1, z.shape[1]):
+        held.append(m[:, t] * z[:, t] + (1 - m[:, t]) * held[-1])
+    return torch.stack(held, 1)
 
 
 class TokenizerOutput(NamedTuple):
@@ -167,21 +59,29 @@ class TokenizerOutput(NamedTuple):
 
     recon: torch.Tensor  # (B, C, T, H, W) unbounded reconstruction
     codes: torch.Tensor  # (B, T', H', W') int64 code ids
-    priority: torch.Tensor  # (B, T', H', W') scores in (0, 1)
-    keep: torch.Tensor  # (B, T', H', W') hard 0/1 values, soft gradients
+    priority: torch.Tensor  # (B, T', H', W') float32 scorer logits: higher is more important
+    keep: torch.Tensor  # (B, T', H', W') in [0, 1]: how much of each token the decoder saw
     aux_loss: torch.Tensor  # scalar quantizer loss (LFQ entropy; zero for FSQ)
 
 
 class Tokenizer(nn.Module):
-    """FSQ-MagViT (or LFQ) tokenizer whose latent grid is the MAE token grid, plus a token scorer."""
+    """FSQ-MagViT (or LFQ) tokenizer whose latent grid is the MAE token grid, plus a token scorer.
+
+    Training: the decoder sees the kept tokens (a differentiable top-k of the scores, plus any random
+    context tokens) and a learned mask token everywhere else. Inference (eval mode, `decode_codes`): the
+    hard top keep_ratio by priority.
+    """
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        d = cfg.latent_dim
         self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        c_in = {"none": d, "temporal_mean": 2 * d + 1, "keyframe": 2 * d, "hold": 2 * d}[cfg.decoder_context]
+        self.decoder = Decoder(cfg, c_in)
         self.scorer = TokenScorer(cfg)
+        self.mask_token = nn.Parameter(torch.zeros(d))
         self.quantizer: FSQ | LFQ = (
             FSQ(cfg.fsq_levels) if cfg.quantizer == "fsq" else LFQ(cfg.lfq_bits, cfg.lfq_entropy_weight)
         )
@@ -201,48 +101,98 @@ class Tokenizer(nn.Module):
             )
 
     def _quantize(self, video: torch.Tensor) -> tuple[Quantized, torch.Tensor]:
-        """-> quantized latents (B, T', H', W', d) channel-last, and scores (B, T', H', W')."""
+        """-> quantized latents (B, T', H', W', d) channel-last, and logits (B, T', H', W') float32."""
         self.check_video(video)
-        z = self.encoder(video)  # (B, d, T', H', W')
+        x = video * 2 - 1  # centred: inputs all of one sign push first-layer outputs (and tanh) to saturate
+        z = self.encoder(x)  # (B, d, T', H', W')
         q = self.quantizer(z.permute(0, 2, 3, 4, 1))
-        scores = torch.sigmoid(self.scorer(video).float())
-        return q, scores
+        return q, self.scorer(x).float()
 
-    def _decode(
-        self, z_q: torch.Tensor, scores: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """z_q (B, T', H', W', d), scores (B, T', H', W') -> (reconstruction (B, C, T, H, W), keep mask)."""
-        b = scores.shape[0]
-        keep = soft_topk_mask(scores.reshape(b, -1), self.cfg.keep_ratio, self.cfg.topk_temperature)
-        keep = keep.view_as(scores)  # (B, T', H', W')
-        # The decoder sees only kept tokens, scaled by their scores, so reconstruction quality depends on
-        # which tokens the scorer ranks highest and how much it trusts them.
-        z_in = z_q * (keep * scores)[..., None]  # (B, T', H', W', d)
-        return self.decoder(z_in.permute(0, 4, 1, 2, 3).to(dtype)), keep
+    def select(
+        self, logits: torch.Tensor, keep_ratio: float | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """logits (B, T', H', W') -> keep (B, T', H', W') in [0, 1]: the differentiable top-k (plus random
+        context tokens) in training mode, the hard top-k in eval mode. keep_ratio: None for the config's.
 
-    def forward(self, video: torch.Tensor) -> TokenizerOutput:
-        q, scores = self._quantize(video)
-        recon, keep = self._decode(q.z_q, scores, video.dtype)
-        return TokenizerOutput(recon, q.codes, scores, keep, q.aux_loss)
+        k = keep_ratio * (all tokens). With a `keyframe` or `hold` decoder context the first time step is
+        kept whatever the scores, and the k tokens are chosen among the later ones."""
+        cfg, b = self.cfg, logits.shape[0]
+        k = topk_count(logits[0].numel(), cfg.keep_ratio if keep_ratio is None else keep_ratio)
+        keyframe = cfg.decoder_context in ("keyframe", "hold")
+        candidates = logits[:, 1:] if keyframe else logits
+        flat = candidates.reshape(b, -1)  # (B, n)
+        n = flat.shape[1]
+        k = min(k, n)
+        if k >= n:
+            keep = torch.ones_like(flat)
+        elif not self.training:
+            keep = hard_topk_mask(flat, k)
+        elif cfg.topk == "perturbed":
+            keep = perturbed_topk_mask(standardize(flat), k, cfg.topk_sigma, cfg.topk_samples, generator)
+        else:
+            keep = sigmoid_topk_mask(flat, k, cfg.topk_temperature)
+        if self.training and cfg.context_ratio > 0 and k < n:
+            u = torch.rand((b, n), generator=generator).to(flat.device)
+            context = (u < cfg.context_ratio).to(flat.dtype)
+            keep = 1 - (1 - keep) * (1 - context)  # context tokens are in for free: no gradient to them
+        keep = keep.view_as(candidates)
+        if keyframe:
+            keep = torch.cat([torch.ones_like(logits[:, :1]), keep], 1)
+        return keep
+
+    def _decode(self, z_q: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """z_q (B, T', H', W', d), keep (B, T', H', W') -> reconstruction (B, C, T, H, W)."""
+        m = keep[..., None]  # (B, T', H', W', 1)
+        z_in = m * z_q + (1 - m) * self.mask_token  # dropped tokens: the learned mask token
+        if self.cfg.decoder_context == "temporal_mean":
+            cover = m.sum(1, keepdim=True)  # (B, 1, H', W', 1): how much of this position was kept
+            mean = (m * z_q).sum(1, keepdim=True) / cover.clamp_min(1e-6)
+            t = z_q.shape[1]
+            z_in = torch.cat([z_in, mean.expand_as(z_q), (cover / t).expand(*m.shape)], -1)
+        elif self.cfg.decoder_context == "keyframe":
+            z_in = torch.cat([z_in, z_q[:, :1].expand_as(z_q)], -1)
+        elif self.cfg.decoder_context == "hold":
+            z_in = torch.cat([z_in, held_latents(z_q, keep)], -1)
+        return self.decoder(z_in.permute(0, 4, 1, 2, 3).to(dtype))
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        generator: torch.Generator | None = None,
+        keep_ratio: float | None = None,
+    ) -> TokenizerOutput:
+        """video (B, C, T, H, W). generator: the top-k noise and context draws; keep_ratio: this step's."""
+        q, logits = self._quantize(video)
+        keep = self.select(logits, keep_ratio, generator)
+        recon = self._decode(q.z_q, keep, video.dtype)
+        return TokenizerOutput(recon, q.codes, logits, keep, q.aux_loss)
 
     @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
-        """codes, priority (B, T', H', W') -> reconstruction (B, C, T, H, W), decoded as forward() does:
-        the top keep_ratio of tokens by priority, weighted by it. Turns predicted codes back into pixels."""
+    def decode_codes(
+        self, codes: torch.Tensor, priority: torch.Tensor, keep_ratio: float | None = None
+    ) -> torch.Tensor:
+        """codes, priority (B, T', H', W') -> reconstruction (B, C, T, H, W), decoded as inference does:
+        the top keep_ratio of tokens by priority (default the config's; 1.0 decodes every token)."""
         z_q = self.quantizer.codes_to_latent(codes)
+        was_training = self.training
+        self.eval()
+        try:
+            keep = self.select(priority.float(), keep_ratio)
+        finally:
+            self.train(was_training)
         dtype = next(self.decoder.parameters()).dtype
-        return self._decode(z_q, priority.float(), dtype)[0]
+        return self._decode(z_q.to(keep.dtype), keep, dtype)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, T, H, W) -> codes (B, T', H', W') int64, priority (B, T', H', W') float32."""
+        """(B, C, T, H, W) -> codes (B, T', H', W') int64, priority (B, T', H', W') float32 logits."""
         was_training = self.training
         self.eval()  # LFQ's entropy term is training-only; the codes never depend on it, but stay explicit
         try:
-            q, scores = self._quantize(video)
+            q, logits = self._quantize(video)
         finally:
             self.train(was_training)
-        return q.codes, scores
+        return q.codes, logits
 
 
 def tokenizer_loss(out: TokenizerOutput, video: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -180,6 +180,7 @@ def test_tokenizer_training_exports_what_ingest_tokens_reads(data, tmp_path: Pat
         *TOKENIZER_VIDEO,
         "tokenizer.channel_mult=[1,1,2,2]",
         "tokenizer.fsq_levels=[8,5,5]",
+        "tokenizer.keep_warmup_steps=2",  # the keep-ratio warm-up follows the trainer's step
         f"data.url={url}",
         "data.batch_size=2",
         "run.steps=4",

@@ -65,8 +65,11 @@ class MAETask:
     def build_model(self) -> nn.Module:
         return MaskedVideoAutoencoder(self.model_cfg)
 
-    def loss(self, model: nn.Module, batch: Batch, video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """model: the DeepSpeed engine (or the bare module); video: the batch's clips on the device."""
+    def loss(
+        self, model: nn.Module, batch: Batch, video: torch.Tensor, gen: torch.Generator, step: int
+    ) -> torch.Tensor:
+        """model: the DeepSpeed engine (or the bare module); video: the batch's clips on the device;
+        gen: this step's generator (masks); step: the optimizer step being taken (0-based)."""
         module = getattr(model, "module", model)
         priority = batch.get("priority") if self.needs_priority else None
         plan = module.plan(video.shape[0], gen, priority, video.device)
@@ -95,8 +98,12 @@ class TokenizerTask:
     def build_model(self) -> nn.Module:
         return Tokenizer(self.cfg.tokenizer)
 
-    def loss(self, model: nn.Module, batch: Batch, video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return tokenizer_loss(model(video), video)[0]
+    def loss(
+        self, model: nn.Module, batch: Batch, video: torch.Tensor, gen: torch.Generator, step: int
+    ) -> torch.Tensor:
+        """gen draws the top-k noise and context tokens; step sets the keep-ratio warm-up."""
+        keep = self.cfg.tokenizer.keep_ratio_at(step)
+        return tokenizer_loss(model(video, generator=gen, keep_ratio=keep), video)[0]
 
     def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:
         model = Tokenizer(self.cfg.tokenizer)

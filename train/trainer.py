@@ -281,7 +281,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
             lr = scheduler.get_last_lr()[0]
             video = batch["video"].to(device, dtype, non_blocking=True)
             gen = torch.Generator().manual_seed(step_seed(cfg.run.seed, step, dist.rank))
-            loss = task.loss(engine, batch, video, gen)
+            loss = task.loss(engine, batch, video, gen, step)
             engine.backward(loss)
             engine.step()
             step += 1

@@ -2,7 +2,7 @@
 
 Layout under DATASET/tokens/<tokenizer-id>/ (a Zarr v3 group, local or s3:// through fsspec):
   codes      [N, T', H', W'] int16 (int32 if the codebook has more than 32768 codes), fill -1
-  priority   [N, T', H', W'] float16, fill 0
+  priority   [N, T', H', W'] float32 scorer logits (higher: more important), fill 0
   keys       [N] variable-length UTF-8 strings (the sample KEY), fill ""
   valid      [N] bool, fill False: True where the row holds a tokenized clip
   _done/shard-NNNNNN.json   a clip shard's commit marker {shard, plan, samples, errors}
@@ -13,6 +13,10 @@ the largest sample count of any clip shard and N = (last shard number + 1) * S. 
 chunked one sample per chunk and sharded S samples per Zarr shard; keys and valid have one chunk of S rows.
 So each clip shard owns exactly one object of each array and is written (or rewritten, on resume) alone.
 The group attributes describe the tokenizer and the layout; `complete: true` is written last.
+
+Format 2 stores priorities as float32 logits. Format 1 stored sigmoid scores in float16, which rounds
+every saturated score to the same value (and top-k then breaks the ties by index): it is refused, with
+a message to rebuild.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from ingest.decode import CorruptClip, decode_clip, to_model_input
 from ingest.storage import Store
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SHARD = re.compile(r"(?:^|/)shard-(\d+)\.tar$")
 _LAYOUT_KEYS = ("format_version", "tokenizer_id", "source_plan", "rows_per_shard", "num_rows", "grid")
 
@@ -183,7 +187,7 @@ class _Run:
         """Tokenize clip shard `name` (number k), write its rows (one write per array), then its marker."""
         s, grid, store = self.attrs["rows_per_shard"], self.attrs["grid"], self.store
         codes = np.full((s, *grid), -1, dtype=self.code_dtype)
-        priority = np.zeros((s, *grid), dtype=np.float16)
+        priority = np.zeros((s, *grid), dtype=np.float32)
         keys, valid = [""] * s, np.zeros(s, dtype=bool)
         errors: list[dict[str, Any]] = []
         batch: list[tuple[int, np.ndarray]] = []
@@ -191,10 +195,14 @@ class _Run:
         def flush() -> None:
             if batch:
                 rows = [pos for pos, _ in batch]
-                with torch.no_grad():
-                    c, p = self.model.encode(to_model_input(np.stack([x for _, x in batch]), self.device))
+                video = to_model_input(np.stack([x for _, x in batch]), self.device)
+                # bf16 on CUDA (the convs run at tensor-core speed; codes and logits come back in full
+                # precision from FSQ's float32 rounding and the scorer's float32 output), fp32 on the CPU.
+                cuda = torch.device(self.device).type == "cuda"
+                with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+                    c, p = self.model.encode(video)
                 codes[rows] = c.cpu().numpy().astype(codes.dtype)
-                priority[rows] = p.float().cpu().numpy().astype(np.float16)
+                priority[rows] = p.float().cpu().numpy()
                 valid[rows] = True
                 self.bar.update(len(batch))
                 batch.clear()
@@ -242,9 +250,21 @@ def _unread_keys(store: Store, name: str, seen: list[str], pos: int) -> list[str
     return keys[pos : len(seen)] if keys[:pos] == seen[:pos] and len(keys) > pos else [""]
 
 
+def check_format(attrs: dict[str, Any], url: str) -> None:
+    """Raise TokensError unless a token store's attributes (empty: a new store) are of FORMAT_VERSION."""
+    version = attrs.get("format_version", FORMAT_VERSION) if attrs else FORMAT_VERSION
+    if version != FORMAT_VERSION:
+        raise TokensError(
+            f"{url} is a token store of format {version}; this lvmae reads format {FORMAT_VERSION} "
+            "(float32 priority logits; format 1 rounded priorities to float16, which ties saturated "
+            "scores): delete it and run lvmae ingest tokens again with a tokenizer trained by this version"
+        )
+
+
 def _prepare(group: Any, attrs: dict[str, Any], code_dtype: str, url: str) -> None:
     """Create the arrays and attributes, or check that an existing store has the same layout."""
     old = dict(group.attrs)
+    check_format(old, url)
     differ = [k for k in _LAYOUT_KEYS if old and old.get(k) != attrs[k]]
     if differ:
         raise TokensError(
@@ -256,7 +276,7 @@ def _prepare(group: Any, attrs: dict[str, Any], code_dtype: str, url: str) -> No
     per_sample = dict(shape=(n, *grid), chunks=(1, *grid), shards=(s, *grid))
     specs = {
         "codes": dict(per_sample, dtype=code_dtype, fill_value=-1),
-        "priority": dict(per_sample, dtype="float16", fill_value=0),
+        "priority": dict(per_sample, dtype="float32", fill_value=0),
         "keys": dict(shape=(n,), chunks=(s,), dtype=str, fill_value=""),
         "valid": dict(shape=(n,), chunks=(s,), dtype=bool, fill_value=False),
     }

@@ -228,16 +228,19 @@ class TokenJoin:
     """Codes and priority of samples by KEY from a token store `tokens/<id>/` (key -> row map built once)."""
 
     def __init__(self, store: Store, tokenizer_id: str):
-        from ingest.tokens import open_tokens
+        from ingest.tokens import TokensError, check_format, open_tokens
 
+        url = store.uri(f"tokens/{tokenizer_id}")
         try:
             self.group = open_tokens(store, f"tokens/{tokenizer_id}")
         except FileNotFoundError as err:
-            raise LoaderError(f"no token store {store.uri(f'tokens/{tokenizer_id}')}") from err
+            raise LoaderError(f"no token store {url}") from err
+        try:
+            check_format(dict(self.group.attrs), url)
+        except TokensError as err:
+            raise LoaderError(str(err)) from None
         if not self.group.attrs.get("complete"):
-            raise LoaderError(
-                f"token store {store.uri(f'tokens/{tokenizer_id}')} is incomplete: finish ingest"
-            )
+            raise LoaderError(f"token store {url} is incomplete: finish ingest")
         keys, valid = self.group["keys"][:], self.group["valid"][:]
         self.rows = {str(k): i for i, (k, v) in enumerate(zip(keys, valid)) if v and k}
 

@@ -88,6 +88,49 @@ def add_train_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
 
+# --- lvmae eval ---------------------------------------------------------------------------------------
+
+
+def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
+    from train.eval_tokenizer import run_eval_tokenizer, summary_lines
+
+    if args.clips < 1 or args.batch_size < 1:
+        raise UserError("--clips and --batch-size must be at least 1")
+    figures = run_eval_tokenizer(
+        args.ckpt,
+        args.dataset,
+        out=args.out,
+        clips=args.clips,
+        batch_size=args.batch_size,
+        device=args.device,
+        decoder=args.decoder,
+    )
+    print(f"lvmae eval tokenizer: {figures['tokenizer_id']} on {figures['clips']} clips of {args.dataset}")
+    for line in summary_lines(figures):
+        print(f"  {line}")
+    print(f"  figures: {figures['json']}\n  picture: {figures['figure']}")
+    return 0
+
+
+def add_eval_parser(sub: Any) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained model", description="Evaluate a trained model.")
+    kinds = p.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
+    t = kinds.add_parser(
+        "tokenizer",
+        help="reconstruction, codebook use and priority diagnostics of a trained tokenizer",
+        description="Reconstruction PSNR and SSIM, codebook use and priority diagnostics of a trained "
+        "tokenizer on a clip data set: OUT/tokenizer_eval.json and OUT/tokenizer_eval.png (docs/tokenizer.md).",
+    )
+    t.add_argument("ckpt", metavar="CKPT", help="RUN/tokenizer (or the run folder holding it)")
+    t.add_argument("dataset", metavar="DATASET", help="clip data set root: a local path or s3://...")
+    t.add_argument("--out", help="output folder (default: eval/ beside the tokenizer folder, i.e. RUN/eval)")
+    t.add_argument("--clips", type=int, default=64, help="clips to evaluate, in data set order (default 64)")
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda")
+    t.add_argument("--decoder", choices=("auto", "dali", "pyav"), default="auto", help="clip decoder")
+    t.set_defaults(func=cmd_eval_tokenizer)
+
+
 # --- lvmae launch ---------------------------------------------------------------------------------------
 
 
@@ -200,4 +243,11 @@ def add_launch_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_launch)
 
 
-__all__ = ["add_launch_parser", "add_train_parser", "launcher_command", "load_task", "split_config_args"]
+__all__ = [
+    "add_eval_parser",
+    "add_launch_parser",
+    "add_train_parser",
+    "launcher_command",
+    "load_task",
+    "split_config_args",
+]

@@ -2,7 +2,8 @@
 
 1. `lvmae ingest clips`: the four real sample videos -> 16-frame 64 px VP9 clip shards + index.json.
 2. `lvmae launch --nproc 2 -- train tokenizer`: a tiny FSQ-MagViT tokenizer and token scorer, fitted on
-   the shards by two DeepSpeed ZeRO-3 processes.
+   the shards by two DeepSpeed ZeRO-3 processes; then `lvmae eval tokenizer`'s figures for it
+   (reconstruction, codebook use, what its priority picks) and its PNG.
 3. `lvmae ingest tokens`: its codes and priorities for every clip, into the Zarr token store.
 4. `lvmae launch --nproc 2 -- train mae`: a tiny LVMAE (adaptive decoder mask on the top-priority 15% of
    tokens, token targets), two ZeRO-3 processes with their Prometheus endpoints live, stopped at a
@@ -147,6 +148,12 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     ]
     tok_args += ["run.metrics_port_base=0"]
     launch("tokenizer", [*tok_args, "--resume", "auto"], logs / "tokenizer.log")
+    from train.eval_tokenizer import run_eval_tokenizer, summary_lines
+
+    tok_eval = run_eval_tokenizer(str(tok_run / "tokenizer"), data, out=str(out / "tokenizer-eval"))
+    print(f"  lvmae eval tokenizer on {tok_eval['clips']} clips:", flush=True)
+    for line in summary_lines(tok_eval):
+        print(f"    {line}", flush=True)
 
     print("3/5 ingest tokens: the frozen tokenizer's codes and priorities -> Zarr", flush=True)
     tokens = ingest_tokens(data, str(tok_run / "tokenizer"), device="cpu", progress=True)
@@ -186,6 +193,9 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         "clips": ingest.num_samples,
         "tokenizer_id": tokens.tokenizer_id,
         "tokenizer_recon_mse_first_last": [round(x, 4) for x in head_tail([r["loss"] for r in tok_log])],
+        "tokenizer_eval": {
+            k: tok_eval[k] for k in ("psnr_db", "ssim", "used_share", "perplexity", "priority")
+        },
         "mae_token_loss_first_last": [round(x, 4) for x in head_tail([r["loss"] for r in mae_log])],
         "mae_steps": [r["step"] for r in mae_log][-1],
         "clips_per_s": {"tokenizer": runs["tokenizer"]["clips_per_s"], "mae": runs["mae"]["clips_per_s"]},
@@ -199,6 +209,8 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
             "train_logs": [str(tok_run / "train_log.jsonl"), str(mae_run / "train_log.jsonl")],
             "prometheus_targets": str(out / "runs" / "prometheus-targets"),
             "figure": str(figure),
+            "tokenizer_eval": tok_eval["json"],
+            "tokenizer_figure": tok_eval["figure"],
         },
     }
 
@@ -226,6 +238,11 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"demo done in {s['seconds']} s ({s['clips']} clips, store {s['store']})")
     print(
         f"  tokenizer {s['tokenizer_id']}: reconstruction MSE {t0:.4f} -> {t1:.4f} (first -> last tenth of steps)"
+    )
+    te = s["tokenizer_eval"]
+    print(
+        f"  tokenizer at inference: PSNR {te['psnr_db']:.1f} dB, {100 * te['used_share']:.0f}% of codes used; "
+        f"priority vs frame difference: rank correlation {te['priority']['frame_diff_spearman']:.2f}"
     )
     print(f"  LVMAE ({s['mae_steps']} steps, resumed once): token loss {m0:.3f} -> {m1:.3f}")
     print(

@@ -165,8 +165,10 @@ class TokenScorer(nn.Module):
     (its pixels, linearly) and the tubelet average of a full-resolution 3x3x3 conv's activations (local
     texture and motion energy, which a linear view of raw pixels finds slowly). With scorer_input
     `frames_and_differences` that conv also sees each frame minus the one before (zero for the first).
-    Two 3x3x3 convs on the token grid then add the neighbours in space and time (padded like the
-    tokenizer's convs).
+    A 1x1x1 conv mixes the two views into the token's own features; two 3x3x3 convs on the token grid
+    (padded like the tokenizer's) add what its neighbours in space and time say, as a residual, so a
+    token's score answers to its own tubelet first (without the residual, a random 5x5x5 stack spreads
+    a token's influence almost evenly over its neighbours: docs/tokenizer.md).
     """
 
     def __init__(self, cfg: TokenizerConfig):
@@ -177,16 +179,16 @@ class TokenScorer(nn.Module):
         stem_in = 2 * v.in_chans if self.differences else v.in_chans
         self.stem = PaddedConv3d(stem_in, sc, (3, 3, 3), cfg=cfg)
         self.patch = nn.Conv3d(v.in_chans, sc, self.tubelet, stride=self.tubelet)
-        self.body = nn.Sequential(
-            norm_layer(cfg, 2 * sc),
-            nn.SiLU(),
-            PaddedConv3d(2 * sc, sc, (3, 3, 3), cfg=cfg),
+        self.local = nn.Sequential(norm_layer(cfg, 2 * sc), nn.SiLU(), nn.Conv3d(2 * sc, sc, 1))
+        self.context = nn.Sequential(
             norm_layer(cfg, sc),
             nn.SiLU(),
             PaddedConv3d(sc, sc, (3, 3, 3), cfg=cfg),
             norm_layer(cfg, sc),
             nn.SiLU(),
+            PaddedConv3d(sc, sc, (3, 3, 3), cfg=cfg),
         )
+        self.out = nn.Sequential(norm_layer(cfg, sc), nn.SiLU())
         self.head = nn.Conv3d(sc, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,5 +197,6 @@ class TokenScorer(nn.Module):
             diff = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], 2)
             stem_in = torch.cat([x, diff], 1)  # (B, 2C, T, H, W)
         energy = F.avg_pool3d(F.silu(self.stem(stem_in)), self.tubelet)  # (B, sc, T', H', W')
-        h = torch.cat([energy, self.patch(x)], 1)
-        return self.head(self.body(h)).squeeze(1)
+        f = self.local(torch.cat([energy, self.patch(x)], 1))
+        f = f + self.context(f)
+        return self.head(self.out(f)).squeeze(1)

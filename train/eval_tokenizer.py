@@ -23,6 +23,7 @@ import torch
 from lvmae import diagnostics as dg
 from lvmae.errors import UserError
 from lvmae.tokenizer import CONFIG_FILE, Tokenizer, load_tokenizer
+from train.figure import frame_grid
 
 TOP = 0.15  # the share of tokens the LVMAE decoder reconstructs: the priority's top is what matters
 
@@ -105,11 +106,6 @@ def evaluate_tokenizer(
 def save_tokenizer_figure(first: dict[str, Any], model: Tokenizer, path: Path, title: str) -> Path:
     """Rows over a few frames: the clip, its reconstruction, the priority heat map (one colour scale for
     the clip), the kept tokens (red), and the frame difference per token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     v = model.cfg.video
     t, p = v.tubelet_size, v.patch_size
 
@@ -144,23 +140,7 @@ def save_tokenizer_figure(first: dict[str, Any], model: Tokenizer, path: Path, t
             {"cmap": "viridis", "vmin": 0.0, "vmax": float(fd.max()) or 1.0},
         ),
     ]
-    fig, axes = plt.subplots(len(rows), columns, figsize=(2.0 * columns, 2.0 * len(rows)), squeeze=False)
-    for r, (label, image, kwargs) in enumerate(rows):
-        for c, f in enumerate(picks):
-            ax = axes[r][c]
-            ax.imshow(image(f).numpy(), **kwargs)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"frame {f}", fontsize=9)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return frame_grid(rows, picks, title, path)
 
 
 def run_eval_tokenizer(

@@ -8,6 +8,7 @@ decoder-selected tokens, i.e. the clip as LVMAE reconstructs it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,38 @@ def _token_map(flags: torch.Tensor, grid: tuple[int, int, int], t: int, p: int) 
     """(N,) per-token values -> (T, H, W) per pixel."""
     m = flags.reshape(grid).float()
     return m.repeat_interleave(t, 0).repeat_interleave(p, 1).repeat_interleave(p, 2)
+
+
+Row = tuple[str, Callable[[int], torch.Tensor], dict]
+
+
+def frame_grid(rows: list[Row], picks: list[int], title: str, path: str | Path, cell: float = 2.0) -> Path:
+    """Draw one row per (label, frame index -> image, imshow options) over the frames `picks`, save a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(rows), len(picks), figsize=(cell * len(picks), cell * len(rows)), squeeze=False
+    )
+    for r, (label, image, kwargs) in enumerate(rows):
+        for c, f in enumerate(picks):
+            ax = axes[r][c]
+            ax.imshow(image(f).numpy(), **kwargs)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"frame {f}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 @torch.no_grad()
@@ -59,11 +92,6 @@ def reconstruct(
 
 
 def save_figure(maps: dict[str, torch.Tensor], path: str | Path, title: str, columns: int = 4) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     frames = maps["frames"]
     n = frames.shape[0]
     picks = [round(i * (n - 1) / max(columns - 1, 1)) for i in range(columns)]
@@ -77,23 +105,7 @@ def save_figure(maps: dict[str, torch.Tensor], path: str | Path, title: str, col
         ("tokenizer (true codes)", lambda f: maps["tokenizer"][f], {}),
         ("LVMAE (predicted codes)", lambda f: maps["lvmae"][f], {}),
     ]
-    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.2 * len(rows)), squeeze=False)
-    for r, (label, image, kwargs) in enumerate(rows):
-        for c, f in enumerate(picks):
-            ax = axes[r][c]
-            ax.imshow(image(f).numpy(), **kwargs)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"frame {f}", fontsize=9)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return frame_grid(rows, picks, title, path, cell=2.2)
 
 
 def _tint(frame: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:

@@ -202,6 +202,11 @@ def tokenizer_loss(out: TokenizerOutput, video: torch.Tensor) -> tuple[torch.Ten
     return loss, {"recon": recon.detach(), "aux": out.aux_loss.detach()}
 
 
+# The module layout saved weights belong to: 2 since issue 8 (centred scorer and encoder, mask token).
+# Saved in config.json beside the id (not hashed); a directory without it was saved before (1).
+ARCHITECTURE = 2
+
+
 def _config_json(cfg: TokenizerConfig) -> str:
     return json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
 
@@ -233,7 +238,7 @@ def save_tokenizer(model: Tokenizer, directory: str | os.PathLike[str]) -> str:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     replace_atomically(d, WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"tokenizer_id": tid}))
 
-    config = {**to_dict(model.cfg), "tokenizer_id": tid}
+    config = {**to_dict(model.cfg), "tokenizer_id": tid, "architecture": ARCHITECTURE}
     write_text_atomically(d / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
     return tid
 
@@ -251,6 +256,12 @@ def load_tokenizer(directory: str | os.PathLike[str], device: str | torch.device
     stored = raw.pop("tokenizer_id", None)
     if not isinstance(stored, str):
         raise ValueError(f"{d / CONFIG_FILE} has no tokenizer_id")
+    architecture = raw.pop("architecture", 1)
+    if architecture != ARCHITECTURE:
+        raise ValueError(
+            f"{d} holds a tokenizer of architecture {architecture} (saved by another lvmae version); this "
+            f"version builds architecture {ARCHITECTURE} (docs/tokenizer.md): train the tokenizer again"
+        )
     model = Tokenizer(load_config(TokenizerConfig, [raw]))
     state = load_file(d / WEIGHTS_FILE, device=str(device))
     try:

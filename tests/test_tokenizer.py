@@ -326,6 +326,11 @@ def test_load_refuses_tampered_directories(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         load_tokenizer(tmp_path)
 
+    # Saved before issue 8 (no "architecture"): one clear line instead of a state_dict mismatch.
+    config.write_text(json.dumps({k: v for k, v in original.items() if k != "architecture"}))
+    with pytest.raises(ValueError, match=r"architecture 1 .*train the tokenizer again"):
+        load_tokenizer(tmp_path)
+
     del original["tokenizer_id"]
     config.write_text(json.dumps(original))
     with pytest.raises(ValueError, match="no tokenizer_id"):

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--store", choices=("local", "s3"), default="local")
-    parser.add_argument("--tokenizer-steps", type=int, default=150)
+    parser.add_argument("--tokenizer-steps", type=int, default=600)
     parser.add_argument("--mae-steps", type=int, default=300, help="the run stops half way and resumes")
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()

@@ -196,8 +196,8 @@ class _Run:
             if batch:
                 rows = [pos for pos, _ in batch]
                 video = to_model_input(np.stack([x for _, x in batch]), self.device)
-                # bf16 on CUDA (the convs run at tensor-core speed; codes and logits come back in full
-                # precision from FSQ's float32 rounding and the scorer's float32 output), fp32 on the CPU.
+                # bf16 on CUDA for the encoder's convs (tensor-core speed; FSQ rounds in float32), the
+                # small scorer in float32 outside autocast (bf16 logits would tie); fp32 on the CPU.
                 cuda = torch.device(self.device).type == "cuda"
                 with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
                     c, p = self.model.encode(video)

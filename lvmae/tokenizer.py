@@ -106,7 +106,11 @@ class Tokenizer(nn.Module):
         x = video * 2 - 1  # centred: inputs all of one sign push first-layer outputs (and tanh) to saturate
         z = self.encoder(x)  # (B, d, T', H', W')
         q = self.quantizer(z.permute(0, 2, 3, 4, 1))
-        return q, self.scorer(x).float()
+        # The scorer is small: it runs outside autocast, in its weights' precision (float32 unless an
+        # engine cast them), so the priorities of close tokens do not tie as bf16 logits would.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.scorer(x.to(self.scorer.head.weight.dtype))
+        return q, logits.float()
 
     def select(
         self, logits: torch.Tensor, keep_ratio: float | None = None, generator: torch.Generator | None = None

@@ -375,3 +375,19 @@ def test_channel_mult_length_is_checked() -> None:
         cfg.validate()
     with pytest.raises(ConfigError, match="channel_mult"):
         Tokenizer(cfg)
+
+
+def test_priority_keeps_full_precision_under_bf16_autocast() -> None:
+    # ingest tokens runs the tokenizer under bf16 autocast on CUDA; CPU autocast exercises the same path.
+    # The scorer runs outside it, so its logits equal the float32 ones and close tokens do not tie.
+    torch.manual_seed(0)
+    model = Tokenizer(small_cfg()).eval()
+    video = torch.rand(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        _, full = model.encode(video)
+        with torch.autocast("cpu", torch.bfloat16):
+            codes, mixed = model.encode(video)
+            encoded = model.encoder(video * 2 - 1)
+    assert encoded.dtype == torch.bfloat16  # autocast was on for the encoder
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, full)
+    assert codes.shape == full.shape

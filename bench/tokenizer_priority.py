@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,19 +44,11 @@ from lvmae.tokenizer import Tokenizer, tokenizer_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# The demo tokenizer (configs/tokenizer_demo_cpu.yaml) and, at the 128-frame recipe's grid, a narrow one.
+# The demo tokenizer (the tokenizer section of configs/tokenizer_demo_cpu.yaml) and, at the 128-frame
+# recipe's grid, a narrow one.
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tokenizer_demo_cpu.yaml"
 GRIDS = {
-    "demo": dict(
-        video=dict(num_frames=16, img_size=64, tubelet_size=2, patch_size=16),
-        base_channels=8,
-        channel_mult=[1, 1, 2, 2, 4],
-        num_res_blocks=0,
-        num_groups=4,
-        norm="channel",
-        patch_skip=True,
-        fsq_levels=[8, 5, 5, 5],
-        scorer_channels=16,
-    ),
+    "demo": OmegaConf.to_container(OmegaConf.load(DEMO_RECIPE).tokenizer),
     "128f": dict(
         video=dict(num_frames=128, img_size=224, tubelet_size=2, patch_size=16),
         base_channels=4,

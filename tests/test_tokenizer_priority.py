@@ -10,32 +10,24 @@ in the benchmark); this run reached 3.03 when it was written (2.75 without conte
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from synth_clips import clip_batch
 
 from lvmae import diagnostics as dg
-from lvmae.config import TokenizerConfig, VideoSpec
+from lvmae.config import TokenizerConfig, load_config
 from lvmae.tokenizer import Tokenizer, tokenizer_loss
 
 STEPS = 800
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tokenizer_demo_cpu.yaml"
 
 
 def demo_cfg() -> TokenizerConfig:
     """The demo's tokenizer (configs/tokenizer_demo_cpu.yaml) with the library's selection defaults."""
-    return TokenizerConfig(
-        video=VideoSpec(num_frames=16, img_size=64, patch_size=16, tubelet_size=2),
-        base_channels=8,
-        channel_mult=[1, 1, 2, 2, 4],
-        num_res_blocks=0,
-        num_groups=4,
-        norm="channel",
-        patch_skip=True,
-        fsq_levels=[8, 5, 5, 5],
-        scorer_channels=16,
-        keep_ratio=0.25,
-    )
+    return load_config(TokenizerConfig, [OmegaConf.to_container(OmegaConf.load(DEMO_RECIPE).tokenizer)])
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import torch
 from lvmae import diagnostics as dg
 from lvmae.errors import UserError
 from lvmae.tokenizer import CONFIG_FILE, Tokenizer, load_tokenizer
-from train.figure import frame_grid
+from train.figure import frame_grid, tint, token_map
 
 TOP = 0.15  # the share of tokens the LVMAE decoder reconstructs: the priority's top is what matters
 
@@ -110,14 +110,13 @@ def save_tokenizer_figure(first: dict[str, Any], model: Tokenizer, path: Path, t
     t, p = v.tubelet_size, v.patch_size
 
     def per_pixel(x: torch.Tensor) -> torch.Tensor:  # (1, T', H', W') -> (T, H, W)
-        return x[0].float().repeat_interleave(t, 0).repeat_interleave(p, 1).repeat_interleave(p, 2)
+        return token_map(x.reshape(-1), v.grid, t, p)
 
     frames = first["video"][0].permute(1, 2, 3, 0)
     recon = first["recon"][0].permute(1, 2, 3, 0).clamp(0, 1)
     prio, keep, fd = per_pixel(first["priority"]), per_pixel(first["keep"]), per_pixel(first["frame_diff"])
     n, columns = frames.shape[0], 6
     picks = [round(i * (n - 1) / (columns - 1)) for i in range(columns)]
-    red = torch.tensor([1.0, 0.1, 0.1])
     rows = [
         ("clip", lambda f: frames[f], {}),
         ("reconstruction", lambda f: recon[f], {}),
@@ -128,10 +127,7 @@ def save_tokenizer_figure(first: dict[str, Any], model: Tokenizer, path: Path, t
         ),
         (
             f"kept ({100 * model.cfg.keep_ratio:.0f}%)",
-            lambda f: (
-                keep[f][..., None] * (0.5 * frames[f] + 0.5 * red)
-                + (1 - keep[f][..., None]) * 0.4 * frames[f]
-            ),
+            lambda f: tint(frames[f], keep[f]),
             {},
         ),
         (

@@ -18,7 +18,7 @@ from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.tokenizer import Tokenizer
 
 
-def _token_map(flags: torch.Tensor, grid: tuple[int, int, int], t: int, p: int) -> torch.Tensor:
+def token_map(flags: torch.Tensor, grid: tuple[int, int, int], t: int, p: int) -> torch.Tensor:
     """(N,) per-token values -> (T, H, W) per pixel."""
     m = flags.reshape(grid).float()
     return m.repeat_interleave(t, 0).repeat_interleave(p, 1).repeat_interleave(p, 2)
@@ -82,9 +82,9 @@ def reconstruct(
     flat_codes = codes.reshape(-1)
     return {
         "frames": rgb(video),
-        "priority": _token_map(priority.reshape(-1), v.grid, t, p),
-        "visible": _token_map(~plan.mask[0], v.grid, t, p),
-        "selected": _token_map(plan.selected[0], v.grid, t, p),
+        "priority": token_map(priority.reshape(-1), v.grid, t, p),
+        "visible": token_map(~plan.mask[0], v.grid, t, p),
+        "selected": token_map(plan.selected[0], v.grid, t, p),
         "tokenizer": rgb(tokenizer.decode_codes(codes, priority)),
         "lvmae": rgb(tokenizer.decode_codes(mixed.view_as(codes), priority)),
         "code_accuracy": (mixed[0, ids] == flat_codes[ids]).float().mean().reshape(1),
@@ -101,14 +101,14 @@ def save_figure(maps: dict[str, torch.Tensor], path: str | Path, title: str, col
         ("clip", lambda f: frames[f], {}),
         ("priority", lambda f: maps["priority"][f], {"cmap": "magma", **prio}),
         ("encoder sees", lambda f: frames[f] * (0.25 + 0.75 * maps["visible"][f][..., None]), {}),
-        ("decoder rebuilds", lambda f: _tint(frames[f], maps["selected"][f]), {}),
+        ("decoder rebuilds", lambda f: tint(frames[f], maps["selected"][f]), {}),
         ("tokenizer (true codes)", lambda f: maps["tokenizer"][f], {}),
         ("LVMAE (predicted codes)", lambda f: maps["lvmae"][f], {}),
     ]
     return frame_grid(rows, picks, title, path, cell=2.2)
 
 
-def _tint(frame: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+def tint(frame: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     """Selected pixels tinted red, the rest dimmed."""
     red = torch.tensor([1.0, 0.1, 0.1])
     sel = flags[..., None]

@@ -23,6 +23,7 @@ import torch
 from lvmae import diagnostics as dg
 from lvmae.errors import UserError
 from lvmae.tokenizer import CONFIG_FILE, Tokenizer, load_tokenizer
+from lvmae.weights import write_text_atomically
 from train.figure import frame_grid, tint, token_map
 
 TOP = 0.15  # the share of tokens the LVMAE decoder reconstructs: the priority's top is what matters
@@ -173,7 +174,7 @@ def run_eval_tokenizer(
     figures = {"tokenizer": str(directory), "tokenizer_id": tid, "dataset": dataset, **figures}
     target = Path(out) if out else directory.parent / "eval"
     target.mkdir(parents=True, exist_ok=True)
-    (target / "tokenizer_eval.json").write_text(json.dumps(figures, indent=1) + "\n")
+    write_text_atomically(target / "tokenizer_eval.json", json.dumps(figures, indent=1) + "\n")
     title = (
         f"{tid}, clip {first['key']}: PSNR {figures['psnr_db']:.1f} dB with "
         f"{100 * model.cfg.keep_ratio:.0f}% of tokens"

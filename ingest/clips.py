@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from typing import Any
 
+from ingest import labels
 from ingest.config import ClipSpec, IngestConfig
 from ingest.plan import (
     Clip,
@@ -103,6 +104,8 @@ def sample_metadata(clip: Clip, spec: ClipSpec, data: bytes) -> dict[str, Any]:
     }
     if clip.label is not None:
         meta["label"] = clip.label
+    if clip.split is not None:
+        meta["split"] = clip.split
     return meta
 
 
@@ -123,7 +126,7 @@ def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = No
     """
     store = Store(task.out, task.storage_options or None)  # None: the endpoint from the environment
     ext = clip_extension(task.spec.codec)
-    keys, errors = [], []
+    keys, errors, written = [], [], []
     with tempfile.TemporaryDirectory(prefix="lvmae-shard-") as tmp:
         tar_path = os.path.join(tmp, "shard.tar")
         with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -153,6 +156,7 @@ def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = No
                         _tar_add(tar, f"{clip.key}.{ext}", result)
                         _tar_add(tar, f"{clip.key}.json", json.dumps(meta, sort_keys=True).encode())
                         keys.append(clip.key)
+                        written.append((clip.split, clip.label))
                         if on_clip is not None:
                             on_clip(1, len(result))
                 finally:
@@ -172,6 +176,7 @@ def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = No
         "bytes": size,
         "sha256": digest.hexdigest(),
         "keys": keys,
+        "counts": labels.count(written),  # {split: {label: n}}
         "errors": errors,
     }
     store.write_json(f"{name}.json", record)  # the commit marker: after the tar is in place
@@ -223,7 +228,7 @@ def _plan(cfg: IngestConfig, sources: list[Source], progress: bool) -> tuple[lis
 
 
 def finalize(
-    store: Store, spec: ClipSpec, plan: str, num_shards: int, probe_errors: list[dict]
+    store: Store, cfg: IngestConfig, plan: str, num_shards: int, probe_errors: list[dict]
 ) -> dict | None:
     """Write errors.jsonl then index.json if every shard of the plan is recorded; -> the index or None."""
     records = []
@@ -234,14 +239,23 @@ def finalize(
         records.append(store.read_json(rel))
     errors = list(probe_errors) + [e for r in records for e in r["errors"]]
     store.write_bytes("errors.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
+    spec = cfg.clip
+    counts = labels.merge_counts(r.get("counts", {}) for r in records)
     index = {
         "format_version": FORMAT_VERSION,
         "clip_spec": {**asdict(spec), "extension": clip_extension(spec.codec)},
         "plan": plan,
         "num_samples": sum(r["samples"] for r in records),
         "num_errors": len(errors),
+        "labels": labels.index_entry(counts, cfg.split_seed, cfg.val_share, cfg.test_share),
         "shards": [
-            {"name": r["shard"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
+            {
+                "name": r["shard"],
+                "samples": r["samples"],
+                "bytes": r["bytes"],
+                "sha256": r["sha256"],
+                "splits": {s: sum(n.values()) for s, n in labels.merge_counts([r.get("counts", {})]).items()},
+            }
             for r in records
             if r["samples"] > 0
         ],
@@ -265,7 +279,9 @@ def ingest_clips(
     notify = on_progress or (lambda metric, amount: None)
     store = Store(out, cfg.storage_options or None)
     summary = IngestSummary(out=out)
-    sources = expand_sources(srcs, cfg.storage_options or None)
+    sources = labels.assign_splits(
+        expand_sources(srcs, cfg.storage_options or None), cfg.split_seed, cfg.val_share, cfg.test_share
+    )
     summary.sources = len(sources)
     videos, probe_errors = _plan(cfg, sources, progress)
     summary.bad_sources = len(probe_errors)
@@ -338,7 +354,7 @@ def ingest_clips(
     finally:
         bar.close()
 
-    index = finalize(store, spec, plan, len(shards), probe_errors)
+    index = finalize(store, cfg, plan, len(shards), probe_errors)
     summary.errors = probe_errors
     summary.index_written = index is not None
     summary.num_samples = index["num_samples"] if index else 0

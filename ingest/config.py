@@ -47,6 +47,10 @@ class IngestConfig:
     num_nodes: int = 1
     node_rank: int = 0
     strict: bool = False
+    # Splits by source video (ingest.labels): a manifest's `split` column, else a seeded draw per label.
+    split_seed: int = 0
+    val_share: float = 0.1
+    test_share: float = 0.1
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -57,5 +61,10 @@ class IngestConfig:
             raise ConfigError("shard_clips: must be >= 1")
         if self.workers < 1:
             raise ConfigError("workers: must be >= 1")
+        if min(self.val_share, self.test_share) < 0 or self.val_share + self.test_share >= 1:
+            raise ConfigError(
+                f"val_share, test_share: need shares >= 0 that leave some training data; got "
+                f"{self.val_share}, {self.test_share}"
+            )
         if self.num_nodes < 1 or not 0 <= self.node_rank < self.num_nodes:
             raise ConfigError(f"node_rank: {self.node_rank} is not in [0, num_nodes={self.num_nodes})")

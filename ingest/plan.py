@@ -40,6 +40,7 @@ class Clip:
     src_width: int
     src_height: int
     label: str | None = None
+    split: str | None = None  # train / val / test, the source video's (ingest.labels)
 
     @property
     def out_fps(self) -> float:
@@ -108,6 +109,7 @@ def plan_clips(
                     v.width,
                     v.height,
                     v.label,
+                    v.meta.get("split"),
                 )
             )
     return clips

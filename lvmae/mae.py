@@ -60,6 +60,7 @@ class VideoViT(nn.Module):
         cfg = cfg.resolved()
         self.video = cfg.video
         enc = cfg.encoder
+        self.dim = enc.embed_dim
         self.patch_embed = TubeletEmbed(cfg.video, enc.embed_dim)
         self.register_buffer("pos_embed", sincos_3d(enc.embed_dim, cfg.video.grid)[None], persistent=False)
         self.transformer = Transformer(

@@ -140,6 +140,19 @@ def test_two_ranks_train_checkpoint_and_export(uninterrupted: Path):
 
 
 @pytest.mark.slow
+def test_probe_source_rebuilds_a_checkpoints_weights(uninterrupted: Path):
+    """`lvmae eval probe` takes a checkpoint folder: its ZeRO-3 shards give the exported weights."""
+    from train.probe import load_source
+
+    cfg, state, what = load_source(str(uninterrupted / "checkpoints" / "step-00000012"))
+    exported = load_mae(uninterrupted / "export").state_dict()
+    assert what.startswith("checkpoint") and cfg.video.num_frames == 8
+    assert set(state) == set(exported) and all(torch.equal(state[k], exported[k]) for k in state)
+    _, from_run, what = load_source(str(uninterrupted))  # a run folder: its export/
+    assert what.startswith("export") and torch.equal(from_run["head.weight"], exported["head.weight"])
+
+
+@pytest.mark.slow
 def test_kill_9_then_resume_reproduces_the_loss_curve(data, uninterrupted: Path, tmp_path: Path):
     out = tmp_path / "killed"
     proc = launch(mae_args(data, out), launcher="torchrun")

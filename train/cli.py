@@ -112,6 +112,32 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_probe(args: argparse.Namespace) -> int:
+    from train.probe import ProbeConfig, run_probe, summary_line
+
+    try:
+        temporal, spatial = (int(x) for x in args.views.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--views {args.views!r}: expected TEMPORALxSPATIAL, e.g. 4x1") from None
+    cfg = ProbeConfig(
+        frames=args.frames,
+        size=args.size,
+        temporal_views=temporal,
+        spatial_views=spatial,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        random_init=args.random_init,
+        decoder=args.decoder,
+    )
+    results = run_probe(args.source, args.dataset, cfg, out=args.out)
+    print(f"lvmae eval probe: {results['source']} on {args.dataset}")
+    print(f"  {summary_line(results)}")
+    print(f"  figures: {results['json']}\n  confusion: {results['confusion_png']}")
+    return 0
+
+
 def add_eval_parser(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a trained model", description="Evaluate a trained model.")
     kinds = p.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
@@ -129,6 +155,31 @@ def add_eval_parser(sub: Any) -> None:
     t.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda")
     t.add_argument("--decoder", choices=("auto", "dali", "pyav"), default="auto", help="clip decoder")
     t.set_defaults(func=cmd_eval_tokenizer)
+
+    p = kinds.add_parser(
+        "probe",
+        help="attentive probe on a frozen encoder: top-1/top-5, per class, confusion (train/val/test splits)",
+        description="Train an attentive probe on the frozen encoder's features of the data set's train split "
+        "and score it on val and test (splits made by source video at ingest). SOURCE: RUN/export, a run "
+        "folder or a checkpoint folder. Writes probe.json, confusion.png and examples.png.",
+    )
+    p.add_argument("source", help="exported model (RUN/export), run folder, or checkpoint folder (step-N)")
+    p.add_argument("dataset", help="labelled data set root (lvmae ingest clips MANIFEST with a label column)")
+    p.add_argument("--out", default=None, help="output folder (default: probe-out)")
+    p.add_argument(
+        "--frames", type=int, default=None, help="clip length the encoder runs on (default: its own)"
+    )
+    p.add_argument("--size", type=int, default=None, help="clip side the encoder runs on (default: its own)")
+    p.add_argument(
+        "--views", default="1x1", help="TEMPORALxSPATIAL views per clip, logits averaged (default 1x1)"
+    )
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-init", action="store_true", help="probe an untrained encoder of the same shape")
+    p.add_argument("--decoder", choices=("auto", "dali", "pyav"), default="auto", help="clip decoder")
+    p.set_defaults(func=cmd_eval_probe)
 
 
 # --- lvmae launch ---------------------------------------------------------------------------------------

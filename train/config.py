@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ingest.labels import SPLITS
 from lvmae.config import ConfigError, MAEConfig, TokenizerConfig, load_config, to_yaml
 
 DECODER_BACKENDS = ("auto", "dali", "pyav")
@@ -37,6 +38,9 @@ class DataConfig:
     # Tokenizer id of the token set (tokens/<id> in the data set: codes and priorities); None when neither
     # the target nor the decoder masking needs tokens.
     tokens: str | None = None
+    # Train on one split of the data set only (train / val / test, made by source video at ingest); None:
+    # every sample. Pretraining on `train` keeps the probe's val and test videos unseen.
+    split: str | None = None
     batch_size: int = 8  # per rank
     shuffle_buffer: int = 256  # samples
     decoder: str = "auto"  # clip decoder backend: auto (DALI where installed), dali, pyav
@@ -49,6 +53,8 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         _check(bool(self.url), f"{prefix}.url", "must name the data set")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be a positive integer")
+        if self.split is not None:
+            _choice(self.split, f"{prefix}.split", SPLITS)
         _check(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", "must be >= 0")
         _choice(self.decoder, f"{prefix}.decoder", DECODER_BACKENDS)
         _check(self.decode_threads >= 0, f"{prefix}.decode_threads", "must be >= 0 (0: automatic)")

@@ -29,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from ingest.labels import LabelError, LabelSpec, SampleFilter
 from ingest.storage import Store
 
 Sample = tuple[str, dict[str, bytes]]  # (KEY, {extension: bytes})
@@ -190,20 +191,24 @@ def decode_batches(
     ext: str,
     drop_last: bool,
     stats: dict[str, float],
-    keep: Callable[[str], bool] = lambda key: True,
-) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """(clips (B, ...), keys): samples that `keep` rejects, that lack the clip, or that the decoder reports
-    bad are skipped (stats["skipped"]) and the batch is refilled from the stream, so batches stay full."""
+    keep: Callable[[str, dict[str, bytes]], bool] = lambda key, parts: True,
+) -> Iterator[tuple[torch.Tensor, list[str], list[dict[str, bytes]]]]:
+    """(clips (B, ...), keys, parts without the clip): samples that `keep` rejects, that lack the clip, or
+    that the decoder reports bad are skipped (stats["skipped"]) and the batch is refilled from the stream,
+    so batches stay full. `keep` rejections that are not errors (another split) are not counted."""
     it = iter(samples)
     done: list[torch.Tensor] = []
     keys: list[str] = []
+    others: list[dict[str, bytes]] = []
     while True:
         want, pending, started = batch_size - len(keys), [], time.perf_counter()
         for key, parts in it:
-            if ext not in parts or not keep(key):
+            if ext not in parts:
                 stats["skipped"] += 1
                 continue
-            pending.append((key, parts[ext]))
+            if not keep(key, parts):
+                continue
+            pending.append((key, parts))
             if len(pending) == want:
                 break
         stats["wait_seconds"] += time.perf_counter() - started
@@ -211,15 +216,18 @@ def decode_batches(
             return
         if pending:
             started = time.perf_counter()
-            clips, bad = decode([data for _, data in pending])
+            clips, bad = decode([parts[ext] for _, parts in pending])
             stats["decode_seconds"] += time.perf_counter() - started
             stats["skipped"] += len(bad)
             done.append(clips)
             bad_set = set(bad)
-            keys += [k for i, (k, _) in enumerate(pending) if i not in bad_set]
+            for i, (k, parts) in enumerate(pending):
+                if i not in bad_set:
+                    keys.append(k)
+                    others.append({e: v for e, v in parts.items() if e != ext})
         if len(keys) == batch_size or (len(pending) < want and keys and not drop_last):
-            yield torch.cat(done) if len(done) > 1 else done[0], keys
-            done, keys = [], []
+            yield torch.cat(done) if len(done) > 1 else done[0], keys, others
+            done, keys, others = [], [], []
         if len(pending) < want:  # the stream has ended
             return
 
@@ -255,12 +263,14 @@ class TokenJoin:
 
 
 class ClipLoader:
-    """Batches {"video" (B, 3, T, H, W) float, "keys", "codes"?, "priority"?, "epoch", "state"} from a clip
+    """Batches {"video" (B, 3, T, H, W) float, "keys", "codes"?, "priority"?, "labels"?, "epoch", "state"} from a clip
     data set. "state" is state_dict() as of right after this batch: a consumer that reads batches ahead (in
     a thread) checkpoints the state of the last batch it used, not the loader's own, which runs ahead.
 
     seed: shard order uses seed + epoch (all ranks alike); the shuffle buffer uses (seed, epoch, rank).
     tokens: a tokenizer id: join codes and priority from `tokens/<id>/`; rows not valid there are skipped.
+    split: only the samples of this split (train / val / test; ingest.labels); None: every sample.
+    labels: add "labels" (B,) int64 class ids (index.json's class map); every sample must have a label.
     decoder: "auto" (DALI where installed), "dali" or "pyav"; decoder_kwargs go to make_clip_decoder.
     epochs: stop after this epoch number (exclusive); None iterates forever.
     prefetch: samples read ahead by a thread while the caller decodes (0: none); default 2 x batch_size.
@@ -287,6 +297,8 @@ class ClipLoader:
         prefetch: int | None = None,
         even_batches: bool | None = None,
         decoder_kwargs: dict[str, Any] | None = None,
+        split: str | None = None,
+        labels: bool = False,
     ):
         if batch_size < 1 or not 0 <= rank < world_size or retries < 0:
             raise LoaderError(
@@ -300,7 +312,17 @@ class ClipLoader:
             raise LoaderError(f"{self.store.url} is not a complete data set (no index.json)") from None
         except OSError as err:
             raise LoaderError(f"cannot read {self.store.uri('index.json')}: {err}") from err
-        self.shard_samples = {s["name"]: int(s["samples"]) for s in index["shards"] if s["samples"] > 0}
+        try:
+            self.filter = SampleFilter(index, LabelSpec(split, labels), self.store.url)
+        except LabelError as err:
+            raise LoaderError(str(err)) from None
+        self.split, self.labels = split, labels
+        if split is None:
+            counts = {s["name"]: int(s["samples"]) for s in index["shards"]}
+        else:  # only the shards that hold samples of the split are read
+            counts = {s["name"]: int(s.get("splits", {}).get(split, 0)) for s in index["shards"]}
+        self.shard_samples = {name: n for name, n in counts.items() if n > 0}
+        self.classes = self.filter.classes
         self.shards = list(self.shard_samples)
         split_by_rank(self.shards, rank, world_size)  # fail now, not at the first batch
         self.spec = index["clip_spec"]
@@ -331,11 +353,11 @@ class ClipLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where this rank stands: after the last batch it yielded. JSON-able."""
         names = ("epoch", "consumed", "batches", "seed", "rank", "world_size", "shuffle_buffer", "batch_size")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in names} | {"split": self.split}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state` at the next batch. The order-defining settings must match."""
-        for name in ("seed", "rank", "world_size", "shuffle_buffer"):
+        for name in ("seed", "rank", "world_size", "shuffle_buffer", "split"):
             if state.get(name, getattr(self, name)) != getattr(self, name):
                 raise LoaderError(
                     f"loader state was saved with {name}={state[name]}, this loader has {getattr(self, name)}: "
@@ -376,7 +398,14 @@ class ClipLoader:
         return self._decoder.decode(batch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        keep = self.tokens.has if self.tokens else (lambda key: True)
+        def keep(key: str, parts: dict[str, bytes]) -> bool:
+            if self.split is not None and not self.filter.keep(SampleFilter.meta(parts)):
+                return False  # another split's sample: not an error
+            if self.tokens is not None and not self.tokens.has(key):
+                self.stats["skipped"] += 1  # no valid token row
+                return False
+            return True
+
         ext = self.spec.get("extension", "webm")
         while self.epochs is None or self.epoch < self.epochs:
             limit = self.batches_per_epoch(self.epoch)
@@ -390,10 +419,13 @@ class ClipLoader:
             )
             try:
                 while limit is None or self.batches < limit:
-                    video, keys = next(batches, (None, []))
+                    video, keys, others = next(batches, (None, [], []))
                     if video is None:
                         break
                     batch: dict[str, Any] = {"video": video, "keys": keys, "epoch": self.epoch}
+                    if self.labels:
+                        ids = [self.filter.label_id(SampleFilter.meta(o)) for o in others]
+                        batch["labels"] = torch.tensor(ids, dtype=torch.int64)
                     if self.tokens is not None:
                         batch["codes"], batch["priority"] = self.tokens(keys)
                     self.consumed, self.batches = drawn[0], self.batches + 1

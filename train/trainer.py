@@ -136,6 +136,7 @@ def build_loader(cfg: Any, task: Task, dist: Dist) -> ClipLoader:
         decoder=cfg.data.decoder,
         storage_options=cfg.data.storage_options or None,  # None: endpoint from the environment
         retries=cfg.data.retries,
+        split=cfg.data.split,
         decoder_kwargs={"num_threads": threads, "device_id": dist.local_rank},
     )
     attrs = dict(loader.tokens.group.attrs) if loader.tokens is not None else None

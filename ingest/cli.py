@@ -66,6 +66,7 @@ def _print_skipped(errors: list[dict], name, limit: int = 10) -> None:
 
 def cmd_clips(args: argparse.Namespace) -> int:
     from ingest.clips import IngestError, ingest_clips
+    from ingest.labels import LabelError
     from ingest.sources import SourceError
     from lvmae.errors import UserError
 
@@ -84,6 +85,9 @@ def cmd_clips(args: argparse.Namespace) -> int:
         num_nodes=args.num_nodes,
         node_rank=args.node_rank,
         strict=args.strict,
+        split_seed=args.split_seed,
+        val_share=args.val_share,
+        test_share=args.test_share,
         storage_options=_storage_options(args.storage_options) or {},
     )
     try:
@@ -94,7 +98,7 @@ def cmd_clips(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             on_progress=metrics_exporter(args.metrics_port, args.metrics_addr),
         )
-    except (IngestError, SourceError) as err:
+    except (IngestError, SourceError, LabelError) as err:
         raise UserError(str(err)) from None
     s = summary
     print(
@@ -106,6 +110,14 @@ def cmd_clips(args: argparse.Namespace) -> int:
     if s.index_written:
         print(
             f"data set complete: {s.num_samples} clips, {args.out.rstrip('/')}/index.json (errors: errors.jsonl)"
+        )
+        counts = s.labels.get("counts", {})
+        per_split = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items())
+        classes = s.labels.get("classes", [])
+        print(
+            f"  splits by source video: {per_split} clips; "
+            + (f"{len(classes)} classes: {', '.join(classes[:12])}" if classes else "no labels")
+            + (" ..." if len(classes) > 12 else "")
         )
     else:
         print(
@@ -145,6 +157,38 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write a procedural long-temporal-context benchmark: OUT/videos/*.mp4 + OUT/manifest.csv.
+
+    Resumable: videos already in OUT are kept. Feed the manifest to `lvmae ingest clips`.
+    """
+    from ingest.benchmark import task_table, write_benchmark
+    from lvmae.errors import UserError
+
+    if args.list:
+        print("tasks (lvmae ingest synth OUT --task TASK --num N):")
+        print(task_table())
+        return 0
+    if args.out is None or args.task is None or args.num is None:
+        raise UserError("synth needs OUT, --task and --num (or --list to see the tasks)")
+    try:
+        manifest = write_benchmark(
+            args.out,
+            args.task,
+            args.num,
+            num_frames=args.frames,
+            size=args.size,
+            seed=args.seed,
+            fps=args.fps,
+            progress=not args.quiet,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(f"synth: {args.num} {args.task} videos ({args.frames} frames, {args.size}x{args.size}): {manifest}")
+    print(f"next: lvmae ingest clips {manifest} --out DATA --frames {args.frames} --size {args.size}")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ingest = sub.add_parser("ingest", help="turn a video corpus into clip shards (and token stores)")
     isub = ingest.add_subparsers(dest="ingest_command", required=True, metavar="STAGE")
@@ -174,6 +218,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="fail on the first bad file instead of skipping it")
     p.add_argument(
+        "--val-share",
+        type=float,
+        default=0.1,
+        help="share of source videos (per label) for val (default 0.1)",
+    )
+    p.add_argument(
+        "--test-share",
+        type=float,
+        default=0.1,
+        help="share of source videos (per label) for test (default 0.1)",
+    )
+    p.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the split draw (a manifest's split column wins)"
+    )
+    p.add_argument(
         "--storage-options", default=None, help="JSON fsspec options (credentials: use the environment)"
     )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
@@ -199,6 +258,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_tokens)
+
+    from ingest.benchmark import TASKS, task_table
+
+    y = isub.add_parser(
+        "synth",
+        help="write a procedural long-temporal-context benchmark (videos + manifest.csv)",
+        description=cmd_synth.__doc__,
+        epilog="tasks:\n" + task_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    y.add_argument("out", nargs="?", default=None, help="output directory (videos/ and manifest.csv)")
+    y.add_argument("--task", choices=list(TASKS), default=None, help="which benchmark task (see below)")
+    y.add_argument("--num", type=int, default=None, help="number of videos (classes balanced)")
+    y.add_argument("--frames", type=int, default=128, help="frames per video (default 128)")
+    y.add_argument("--size", type=int, default=32, help="frame side in pixels, even, >= 16 (default 32)")
+    y.add_argument("--seed", type=int, default=0, help="seed of labels and content (default 0)")
+    y.add_argument("--fps", type=int, default=25, help="frame rate written in the videos (default 25)")
+    y.add_argument("--list", action="store_true", help="list the tasks and their classes, then exit")
+    y.add_argument("--quiet", action="store_true", help="no progress bar")
+    y.set_defaults(func=cmd_synth)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -201,6 +201,7 @@ class IngestSummary:
     seconds: float = 0.0
     index_written: bool = False
     num_samples: int = 0  # in the finished data set (all nodes)
+    labels: dict[str, Any] = field(default_factory=dict)  # index.json's "labels" (classes, split counts)
     errors: list[dict[str, str]] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -358,6 +359,7 @@ def ingest_clips(
     summary.errors = probe_errors
     summary.index_written = index is not None
     summary.num_samples = index["num_samples"] if index else 0
+    summary.labels = index["labels"] if index else {}
     summary.seconds = round(time.perf_counter() - started, 2)
     if index is not None and index["num_samples"] == 0:
         raise IngestError(

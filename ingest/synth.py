@@ -37,7 +37,7 @@ class SynthClip:
     changed: np.ndarray  # (T, H, W) bool
 
 
-def _texture(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
+def texture(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
     """(h, w, 3) float in [0, 1]: colour noise smoothed at a few scales, plus a grating. Every patch of
     it has detail (it cannot be rebuilt from a flat colour), and it does not repeat."""
     out = np.zeros((h, w, 3))
@@ -57,13 +57,24 @@ def _texture(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarr
     return np.clip(0.75 * out + 0.25 * grating[..., None] * rng.random(3), 0, 1)
 
 
+_texture = texture  # the old private name
+
+
+def bounce_path(start: np.ndarray, step: np.ndarray, num_frames: int, span: int) -> np.ndarray:
+    """(T, 2) int top-left corners (y, x) of a square moving `step` pixels a frame from `start` and
+    bouncing off the edges: the position folds back into [0, span] (span = frame side - square side)."""
+    pos = start[None, :] + step[None, :] * np.arange(num_frames)[:, None]
+    pos = np.abs((pos + span) % (2 * span) - span) if span > 0 else np.zeros((num_frames, 2))
+    return np.round(pos).astype(int)
+
+
 def moving_objects_clip(
     seed: int, num_frames: int = 16, size: int = 64, scene: SceneSpec | None = None
 ) -> SynthClip:
     """One clip: a still textured background, moving textured squares, flickering patches."""
     scene = scene or SceneSpec()
     rng = np.random.default_rng(seed)
-    frames = np.repeat(_texture(rng, size, size, 1.0)[None], num_frames, axis=0)  # (T, H, W, 3)
+    frames = np.repeat(texture(rng, size, size, 1.0)[None], num_frames, axis=0)  # (T, H, W, 3)
 
     for _ in range(rng.integers(scene.num_flickers[0], scene.num_flickers[1] + 1)):
         side = max(2, round(rng.uniform(*scene.flicker_size) * size))
@@ -74,19 +85,14 @@ def moving_objects_clip(
 
     for _ in range(rng.integers(scene.num_objects[0], scene.num_objects[1] + 1)):
         side = max(2, round(rng.uniform(*scene.object_size) * size))
-        tex = _texture(rng, side, side, side / size)
+        tex = texture(rng, side, side, side / size)
         tint = rng.integers(0, 2, size=3).astype(float)  # a corner of the RGB cube
         tex = (1 - scene.object_tint) * tex + scene.object_tint * tint
         angle = rng.uniform(0, 2 * np.pi)
         dist = rng.uniform(*scene.speed) * size
         start = rng.uniform(0, size - side, size=2)
         step = np.array([np.sin(angle), np.cos(angle)]) * dist / max(1, num_frames - 1)
-        for f in range(num_frames):
-            # Bounce off the edges: the position folds back into [0, size - side].
-            pos = start + step * f
-            span = size - side
-            pos = np.abs((pos + span) % (2 * span) - span) if span > 0 else np.zeros(2)
-            y, x = np.round(pos).astype(int)
+        for f, (y, x) in enumerate(bounce_path(start, step, num_frames, size - side)):
             frames[f, y : y + side, x : x + side] = tex
 
     video = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)

@@ -74,3 +74,42 @@ def load_mae(directory: str | os.PathLike[str], device: str | torch.device = "cp
     except RuntimeError as err:
         raise ValueError(f"{d / MAE_WEIGHTS} does not fit the model in {d / MAE_CONFIG}: {err}") from None
     return model.to(device)
+
+
+CLASSES = "classes.json"
+
+
+def save_classifier(
+    state: dict[str, torch.Tensor], cfg: MAEConfig, classes: list[str], directory: str | os.PathLike[str]
+) -> Path:
+    """A fine-tuned VideoClassifier: model.safetensors, classes.json, then config.yaml (the encoder's
+    config at the fine-tuning clip; its presence means the export is complete); -> directory."""
+    import json
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    replace_atomically(
+        d, MAE_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "lvmae-classifier"})
+    )
+    write_text_atomically(d / CLASSES, json.dumps(list(classes), indent=1) + "\n")
+    write_text_atomically(d / MAE_CONFIG, to_yaml(cfg.resolved()))
+    return d
+
+
+def load_classifier(directory: str | os.PathLike[str], device: str | torch.device = "cpu"):
+    """-> (VideoClassifier with the weights of model.safetensors, class names)."""
+    import json
+
+    from lvmae.heads import VideoClassifier, encoder_for
+
+    d = Path(directory)
+    if not all((d / f).is_file() for f in (MAE_CONFIG, MAE_WEIGHTS, CLASSES)):
+        raise ValueError(f"{d} is not a fine-tuned classifier: needs {MAE_CONFIG}, {MAE_WEIGHTS}, {CLASSES}")
+    classes = json.loads((d / CLASSES).read_text())
+    model = VideoClassifier(encoder_for(load_config(MAEConfig, [d / MAE_CONFIG]), None), len(classes))
+    try:
+        model.load_state_dict(load_file(d / MAE_WEIGHTS, device="cpu"), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{d / MAE_WEIGHTS} does not fit the classifier in {d}: {err}") from None
+    return model.to(device), classes

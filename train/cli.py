@@ -38,13 +38,16 @@ def split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
 
 def load_task(kind: str, items: list[str]) -> tuple[Any, Any]:
     """-> (task, config) for `lvmae train KIND ITEMS...`; config errors name the key."""
-    from train.config import load_tokenizer_train_config, load_train_config
-    from train.tasks import MAETask, TokenizerTask
+    from train.config import load_finetune_config, load_tokenizer_train_config, load_train_config
+    from train.tasks import FinetuneTask, MAETask, TokenizerTask
 
     recipes, overrides = split_config_args(items)
     if kind == "mae":
         cfg = load_train_config(recipes, overrides)
         return MAETask(cfg), cfg
+    if kind == "finetune":
+        cfg = load_finetune_config(recipes, overrides)
+        return FinetuneTask(cfg), cfg
     cfg = load_tokenizer_train_config(recipes, overrides)
     return TokenizerTask(cfg), cfg
 
@@ -66,6 +69,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"lvmae train {task.name}: step {summary['steps']} ({summary['trained_steps']} this run, "
             f"{summary['seconds']} s, {summary['clips_per_s']} clips/s); weights: {summary['export']}"
         )
+        if task.name == "finetune" and cfg.finetune.eval_splits:
+            from train.finetune import evaluate_classifier
+
+            f = cfg.finetune
+            results = evaluate_classifier(
+                summary["export"],
+                cfg.data.url,
+                list(f.eval_splits),
+                f.temporal_views,
+                f.spatial_views,
+                cfg.data.decoder,
+                out=cfg.run.out,
+            )
+            for split in f.eval_splits:
+                s = results[split]
+                print(
+                    f"  {split}: top-1 {100 * s['top1']:.1f}% on {s['num_clips']} clips (views "
+                    f"{results['views']}, chance {100 * s['chance']:.0f}%)"
+                )
+            print(f"  figures: {results['json']}")
     return 0
 
 
@@ -76,7 +99,7 @@ def add_train_parser(sub: Any) -> None:
         description="Train the LVMAE model (mae) or the tokenizer with its token scorer (tokenizer) on "
         "clip shards, with DeepSpeed. Arguments: recipes (*.yaml, merged in order), then key=value overrides.",
     )
-    p.add_argument("kind", choices=("mae", "tokenizer"), help="what to train")
+    p.add_argument("kind", choices=("mae", "tokenizer", "finetune"), help="what to train")
     p.add_argument("config", nargs="+", metavar="RECIPE_OR_OVERRIDE", help="configs/*.yaml and key=value")
     p.add_argument(
         "--resume",
@@ -86,6 +109,20 @@ def add_train_parser(sub: Any) -> None:
         "refusing to overwrite checkpoints; PATH: a checkpoint folder",
     )
     p.set_defaults(func=cmd_train)
+
+
+def add_finetune_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained encoder with a classifier on labelled clips (= lvmae train finetune)",
+        description="Fine-tune the encoder of finetune.init_from (RUN/export) with a mean-pooling classifier "
+        "on the data set's labelled train split (layer-wise lr decay, drop path, label smoothing, mixup), "
+        "then score it on val and test with multi-view testing. Same trainer, checkpoints and metrics as "
+        "pretraining; several processes: lvmae launch --nproc N -- train finetune ...",
+    )
+    p.add_argument("config", nargs="+", metavar="RECIPE_OR_OVERRIDE", help="configs/*.yaml and key=value")
+    p.add_argument("--resume", default="none", metavar="auto|none|PATH", help="as for lvmae train")
+    p.set_defaults(func=cmd_train, kind="finetune")
 
 
 # --- lvmae eval ---------------------------------------------------------------------------------------
@@ -232,8 +269,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from lvmae.cli import build_parser
 
     rest = args.rest[1:] if args.rest[:1] == ["--"] else list(args.rest)
+    if rest[:1] == ["finetune"]:
+        rest = ["train", *rest]
     if rest[:1] != ["train"]:
-        raise UserError("usage: lvmae launch [options] -- train mae|tokenizer RECIPE... [key=value...]")
+        raise UserError(
+            "usage: lvmae launch [options] -- train mae|tokenizer|finetune RECIPE... [key=value...]"
+        )
     # Parse and check the rank command here, once, rather than fail in every rank.
     parsed = build_parser().parse_args(rest)
     load_task(parsed.kind, parsed.config)
@@ -296,6 +337,7 @@ def add_launch_parser(sub: Any) -> None:
 
 __all__ = [
     "add_eval_parser",
+    "add_finetune_parser",
     "add_launch_parser",
     "add_train_parser",
     "launcher_command",

@@ -183,6 +183,57 @@ class TokenizerTrainConfig:
         _check(self.data.tokens is None, "data.tokens", "the tokenizer trains on clips alone: leave it unset")
 
 
+@dataclass
+class FinetuneSpec:
+    """What `lvmae finetune` starts from and how: VideoMAE's fine-tuning recipe (layer-wise lr decay, drop
+    path, label smoothing, optional mixup), then a multi-view evaluation of the result."""
+
+    init_from: str = "???"  # an exported MAE (RUN/export) or its run folder: the encoder and its shape
+    random_init: bool = False  # the same encoder shape, untrained: the baseline
+    num_frames: int | None = None  # the clip length the encoder runs on (default: its pretraining length)
+    img_size: int | None = None  # its clip side (default: its pretraining size)
+    drop_path: float = 0.1
+    head_dropout: float = 0.0
+    layer_decay: float = 0.75  # block i of L gets lr * layer_decay ** (L + 1 - (i + 1)); 1 disables
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing of clips and labels; 0 disables
+    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])  # scored after training
+    temporal_views: int = 1  # evaluation views per clip (logits averaged)
+    spatial_views: int = 1
+
+    def validate(self, prefix: str = "finetune") -> None:
+        _check(bool(self.init_from), f"{prefix}.init_from", "must name an exported MAE (RUN/export)")
+        _check(0 <= self.drop_path < 1, f"{prefix}.drop_path", "must be in [0, 1)")
+        _check(0 <= self.head_dropout < 1, f"{prefix}.head_dropout", "must be in [0, 1)")
+        _check(0 < self.layer_decay <= 1, f"{prefix}.layer_decay", "must be in (0, 1]")
+        _check(0 <= self.label_smoothing < 1, f"{prefix}.label_smoothing", "must be in [0, 1)")
+        _check(self.mixup >= 0, f"{prefix}.mixup", "must be >= 0 (0: off)")
+        for split in self.eval_splits:
+            _choice(split, f"{prefix}.eval_splits", SPLITS)
+        _check(self.temporal_views >= 1, f"{prefix}.temporal_views", "must be >= 1")
+        _check(self.spatial_views >= 1, f"{prefix}.spatial_views", "must be >= 1")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained encoder with a classifier on labelled clips (`lvmae finetune`)."""
+
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    data: DataConfig = field(default_factory=lambda: DataConfig(split="train"))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=100, total_steps=1000)
+    )
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/finetune", steps=1000))
+
+    def validate(self) -> None:
+        self.finetune.validate("finetune")
+        _validate_training(self.data, self.optim, self.run)
+        _check(
+            self.data.tokens is None, "data.tokens", "fine-tuning reads clips and labels only: leave it unset"
+        )
+        _check(self.data.split is not None, "data.split", "fine-tune on one split (train), never on all")
+
+
 SECRET_OPTION = ("key", "secret", "token", "password", "credential")
 
 
@@ -219,12 +270,22 @@ def load_tokenizer_train_config(
     return load_config(TokenizerTrainConfig, recipe_paths, overrides)
 
 
+def load_finetune_config(
+    recipe_paths: Iterable[str | Path | dict[str, Any]] = (), overrides: Sequence[str] = ()
+) -> FinetuneConfig:
+    """The same for FinetuneConfig."""
+    return load_config(FinetuneConfig, recipe_paths, overrides)
+
+
 __all__ = [
     "DataConfig",
+    "FinetuneConfig",
+    "FinetuneSpec",
     "OptimConfig",
     "RunConfig",
     "TokenizerTrainConfig",
     "TrainConfig",
+    "load_finetune_config",
     "load_tokenizer_train_config",
     "load_train_config",
     "redacted",

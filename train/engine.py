@@ -16,6 +16,7 @@ import contextlib
 import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,28 +98,38 @@ def model_init_context(cfg: TrainConfig) -> contextlib.AbstractContextManager:
     return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: biases, norm weights, position embeddings and mask tokens get no weight decay."""
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, lr_scale: Callable[[str], float] | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups: biases, norm weights, position embeddings and mask tokens get no weight decay;
+    lr_scale(name), if given, scales a parameter's learning rate (layer-wise lr decay). Groups are
+    ordered by scale, largest first: the first group's lr is the schedule's full lr."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # Under ZeRO-3 p is a partitioned placeholder; ds_shape is the full tensor's shape.
         ndim = len(getattr(p, "ds_shape", p.shape))
         skip = ndim <= 1 or any(key in name for key in NO_DECAY_NAMES)
-        (no_decay if skip else decay).append(p)
+        scale = lr_scale(name) if lr_scale is not None else 1.0
+        groups.setdefault((scale, not skip), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+        for (scale, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
     ]
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> tuple[Any, Any, LambdaLR]:
+def build_engine(
+    model: nn.Module, cfg: TrainConfig, world_size: int, lr_scale: Callable[[str], float] | None = None
+) -> tuple[Any, Any, LambdaLR]:
     """-> (engine, optimizer, scheduler): a DeepSpeed engine over `model` with a client AdamW and the
-    warmup-cosine LambdaLR, stepped by `engine.step()`."""
+    warmup-cosine LambdaLR (each group's lr follows it, in proportion), stepped by `engine.step()`."""
     o = cfg.optim
     optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        param_groups(model, o.weight_decay, o.lr, lr_scale),
+        lr=o.lr,
+        betas=tuple(o.betas),
+        weight_decay=o.weight_decay,
     )
     # A partial (not a closure) so that LambdaLR.state_dict can save and restore it.
     scheduler = LambdaLR(optimizer, functools.partial(_lr_factor, cfg=o))
@@ -129,6 +140,17 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> tuple[A
         config=deepspeed_config(cfg, world_size),
     )
     return engine, ds_optimizer, ds_scheduler
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors into a model built under model_init_context (ZeRO-3 partitions are gathered,
+    filled on rank 0 and scattered again), or into a plain one. Strict: every key must fit."""
+    params = list(model.parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=partitioned):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if not partitioned or rank == 0:
+            model.load_state_dict(state, strict=True)
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -185,6 +207,7 @@ __all__ = [
     "export_state_dict",
     "full_state_dict",
     "init_distributed",
+    "load_full_state",
     "lr_at",
     "model_init_context",
     "param_groups",

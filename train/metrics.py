@@ -52,6 +52,11 @@ class TrainMetrics:
         self.loss = Gauge("lvmae_train_loss", "Loss of the last step", registry=r)
         self.lr = Gauge("lvmae_train_learning_rate", "Learning rate of the last step", registry=r)
         self.grad_norm = Gauge("lvmae_train_grad_norm", "Gradient norm of the last step", registry=r)
+        self.accuracy = Gauge(
+            "lvmae_train_accuracy_ratio",
+            "Share of the last step's clips classified right (fine-tuning)",
+            registry=r,
+        )
         self.last_step = Gauge(
             "lvmae_train_last_step_timestamp_seconds", "Unix time of the last step", registry=r
         )
@@ -83,6 +88,7 @@ class TrainMetrics:
         loss: float,
         lr: float,
         grad_norm: float | None = None,
+        accuracy: float | None = None,
     ) -> None:
         self.steps.inc()
         self.samples.inc(samples)
@@ -96,6 +102,8 @@ class TrainMetrics:
         self.lr.set(lr)
         if grad_norm is not None:
             self.grad_norm.set(grad_norm)
+        if accuracy is not None:
+            self.accuracy.set(accuracy)
         self.last_step.set(time.time())
         kind, peak = peak_memory_bytes()
         self.peak_memory.labels(kind).set(peak)

@@ -1,7 +1,11 @@
 """What the trainer trains: a model, its loss on a batch, its checks on the data, and its export.
 
 `MAETask` pretrains LVMAE / VideoMAE (`lvmae train mae`); `TokenizerTask` fits the FSQ-MagViT tokenizer
-and its token scorer (`lvmae train tokenizer`). The trainer (train.trainer) knows nothing else of them.
+and its token scorer (`lvmae train tokenizer`); `FinetuneTask` fine-tunes a pretrained encoder with a
+classifier on labelled clips (`lvmae finetune`). The trainer (train.trainer) knows nothing else of them.
+Optional hooks the trainer calls when a task has them: `labels` (the loader adds class ids),
+`initial_state()` (weights loaded after the model is built), `lr_scale(name)` (per-parameter lr factor),
+`step_metrics()` (figures of the last step, averaged over ranks, logged and exported).
 """
 
 from __future__ import annotations
@@ -9,15 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lvmae.config import ConfigError
+from lvmae.heads import VideoClassifier, encoder_config, encoder_for, layer_id
 from lvmae.losses import mae_loss
 from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.tokenizer import Tokenizer, save_tokenizer, tokenizer_loss
-from lvmae.weights import save_mae
-from train.config import TokenizerTrainConfig, TrainConfig
+from lvmae.weights import save_classifier, save_mae
+from train.config import FinetuneConfig, TokenizerTrainConfig, TrainConfig
 
 Batch = dict[str, Any]
 
@@ -112,4 +119,100 @@ class TokenizerTask:
         return out / self.export_dir
 
 
-Task = MAETask | TokenizerTask
+def random_window(video: torch.Tensor, frames: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C, frames, size, size): one random window and crop for the batch."""
+    t, h, w = video.shape[2:]
+    t0, y0, x0 = (
+        int(torch.randint(n - k + 1, (1,), generator=gen)) for n, k in ((t, frames), (h, size), (w, size))
+    )
+    return video[:, :, t0 : t0 + frames, y0 : y0 + size, x0 : x0 + size]
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """(B,) class ids -> (B, C) label-smoothed one-hot rows."""
+    out = torch.full((len(labels), num_classes), smoothing / num_classes)
+    return out.scatter_(1, labels[:, None], 1 - smoothing + smoothing / num_classes)
+
+
+def mixup(
+    video: torch.Tensor, targets: torch.Tensor, alpha: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each clip and its soft targets with another clip of the batch, one Beta(alpha, alpha) weight."""
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(video.shape[0], generator=gen).to(video.device)
+    return lam * video + (1 - lam) * video[perm], lam * targets + (1 - lam) * targets[perm.cpu()]
+
+
+class FinetuneTask:
+    """A pretrained encoder + mean pooling + linear head, fine-tuned on the labelled clips of a split."""
+
+    name = "finetune"
+    export_dir = "export"  # under run.out: model.safetensors, classes.json, config.yaml (load_classifier)
+    tokens = None
+    labels = True
+
+    def __init__(self, cfg: FinetuneConfig):
+        from train.probe import load_source
+
+        self.cfg = cfg
+        f = cfg.finetune
+        self.mae_cfg, self._state, self.source = load_source(f.init_from)
+        self.model_cfg = encoder_config(self.mae_cfg, f.num_frames, f.img_size)
+        self.model_cfg.encoder.drop_path = f.drop_path
+        v = self.model_cfg.video
+        self.tokens_per_sample = v.num_tokens
+        self.classes: list[str] = []
+        self._accuracy = torch.zeros(())
+
+    def check_data(self, clip_spec: dict[str, Any], token_attrs: dict[str, Any] | None, url: str) -> None:
+        v = self.model_cfg.video
+        if clip_spec["num_frames"] < v.num_frames or clip_spec["size"] < v.img_size:
+            raise ConfigError(
+                f"finetune.num_frames / img_size: the encoder runs on {v.num_frames} frames of {v.img_size} "
+                f"px, but the clips in {url} are {clip_spec['num_frames']} frames of {clip_spec['size']} px"
+            )
+
+    def set_classes(self, classes: list[str]) -> None:
+        if len(classes) < 2:
+            raise ConfigError(f"data.url: fine-tuning needs at least 2 classes, the data set has {classes}")
+        self.classes = list(classes)
+
+    def build_model(self) -> nn.Module:
+        f = self.cfg.finetune
+        encoder = encoder_for(self.mae_cfg, None, f.num_frames, f.img_size, drop_path=f.drop_path)
+        return VideoClassifier(encoder, len(self.classes), f.head_dropout)
+
+    def initial_state(self) -> dict[str, torch.Tensor] | None:
+        """The pretrained encoder's weights (head and fc_norm keep their fresh init); None: random init."""
+        if self.cfg.finetune.random_init:
+            return None
+        model = self.build_model()
+        state = model.state_dict()
+        state.update({k: v for k, v in self._state.items() if k.startswith("encoder.")})
+        return state
+
+    def lr_scale(self, name: str) -> float:
+        depth = int(self.model_cfg.encoder.depth)  # type: ignore[arg-type]
+        return self.cfg.finetune.layer_decay ** (depth + 1 - layer_id(name, depth))
+
+    def loss(
+        self, model: nn.Module, batch: Batch, video: torch.Tensor, gen: torch.Generator, step: int
+    ) -> torch.Tensor:
+        f, v = self.cfg.finetune, self.model_cfg.video
+        video = random_window(video, v.num_frames, v.img_size, gen)
+        labels = batch["labels"]
+        targets = soft_targets(labels, len(self.classes), f.label_smoothing)
+        if f.mixup > 0:
+            video, targets = mixup(video, targets, f.mixup, gen)
+        logits = model(video)
+        self._accuracy = (logits.detach().argmax(1).cpu() == labels).float().mean()
+        return F.cross_entropy(logits.float(), targets.to(logits.device))
+
+    def step_metrics(self) -> dict[str, float]:
+        return {"accuracy": float(self._accuracy)}
+
+    def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:
+        return save_classifier(state, self.model_cfg, self.classes, out / self.export_dir)
+
+
+Task = MAETask | TokenizerTask | FinetuneTask

@@ -37,6 +37,7 @@ from train.engine import (
     build_engine,
     export_state_dict,
     init_distributed,
+    load_full_state,
     model_init_context,
     resolve_precision,
 )
@@ -137,10 +138,13 @@ def build_loader(cfg: Any, task: Task, dist: Dist) -> ClipLoader:
         storage_options=cfg.data.storage_options or None,  # None: endpoint from the environment
         retries=cfg.data.retries,
         split=cfg.data.split,
+        labels=getattr(task, "labels", False),
         decoder_kwargs={"num_threads": threads, "device_id": dist.local_rank},
     )
     attrs = dict(loader.tokens.group.attrs) if loader.tokens is not None else None
     task.check_data(loader.spec, attrs, cfg.data.url)
+    if hasattr(task, "set_classes"):
+        task.set_classes(loader.classes)
     return loader
 
 
@@ -253,7 +257,10 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)
     with model_init_context(cfg):
         model = task.build_model()
-    engine, _, scheduler = build_engine(model, cfg, dist.world_size)
+    initial = task.initial_state() if hasattr(task, "initial_state") else None
+    if initial is not None:  # e.g. a pretrained encoder under a fresh head
+        load_full_state(model, initial)
+    engine, _, scheduler = build_engine(model, cfg, dist.world_size, getattr(task, "lr_scale", None))
     step = 0
     log = TrainLog(out / LOG_FILE, enabled=dist.rank == 0)
     if start is not None:
@@ -290,6 +297,11 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
             tdist.all_reduce(loss_sum)  # sync point: every rank's loss, for one curve of the run
             mean_loss = loss_sum.item() / dist.world_size
             grad_norm = engine.get_global_grad_norm()
+            extra = task.step_metrics() if hasattr(task, "step_metrics") else {}
+            if extra:  # averaged over ranks, like the loss
+                values = torch.tensor(list(extra.values()), dtype=torch.float64)
+                tdist.all_reduce(values)
+                extra = dict(zip(extra, (values / dist.world_size).tolist()))
             t2 = time.perf_counter()
             loader_state = batch["state"]  # the loader reads ahead; this is where this step's data ended
             n = len(batch["keys"])
@@ -301,6 +313,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
                 loss=mean_loss,
                 lr=lr,
                 grad_norm=None if grad_norm is None else float(grad_norm),
+                accuracy=extra.get("accuracy"),
             )
             st = loader.stats
             metrics.loader(
@@ -320,6 +333,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
                 "data_wait_s": round(t1 - t0, 6),
                 "compute_s": round(t2 - t1, 6),
                 "epoch": batch["epoch"],
+                **extra,
             }
             log.write(record)
             if not np.isfinite(mean_loss):

@@ -60,6 +60,31 @@ def encoder_for(
     return encoder
 
 
+def check_encoder_state(cfg: MAEConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ConfigError (one line) unless the encoder.* tensors of `state` are exactly what the encoder
+    of `cfg` holds: a checkpoint of another preset or tubelet is refused before any work starts."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in VideoViT(cfg.resolved()).state_dict().items()}
+    got = {k[len(ENCODER_PREFIX) :]: tuple(v.shape) for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    if got == expected:
+        return
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    shapes = [f"{k} {got[k]} (the config needs {expected[k]})" for k in sorted(set(got) & set(expected))]
+    shapes = [s for s, k in zip(shapes, sorted(set(got) & set(expected))) if got[k] != expected[k]]
+    detail = "; ".join(
+        part
+        for part in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+            f"shape {shapes[0]}" if shapes else "",
+        )
+        if part
+    )
+    raise ConfigError(
+        f"{where}: its encoder weights do not fit the {cfg.preset} encoder its config describes ({detail})"
+    )
+
+
 def _init_like_mae(module: nn.Module) -> None:
     init_weights(module)
     if isinstance(module, nn.Conv3d):
@@ -96,18 +121,35 @@ class AttentivePooler(nn.Module):
 
 
 class AttentiveProbe(nn.Module):
-    """A frozen encoder's tokens -> class logits: attentive pooling, layer norm, linear classifier."""
+    """A frozen encoder's tokens -> class logits: per-channel standardization, attentive pooling, layer
+    norm, linear classifier.
+
+    The standardization uses fixed statistics of the training features (set_feature_stats), like the
+    affine-free BatchNorm that MAE puts before its linear probe: an MAE encoder's tokens share a large
+    common component (every token's output points almost the same way, the differences are a few percent
+    of it), and the pooler's per-token LayerNorm does not remove a component common to all tokens.
+    """
 
     def __init__(self, dim: int, num_classes: int, num_heads: int = 4, num_queries: int = 1):
         super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_std", torch.ones(dim))
         self.pool = AttentivePooler(dim, num_heads, num_queries)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """features (..., D): the channels' mean and standard deviation over everything else."""
+        flat = features.reshape(-1, features.shape[-1]).float()
+        self.feature_mean.copy_(flat.mean(0))
+        self.feature_std.copy_(flat.std(0).clamp(min=1e-6))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, D) -> logits (B, num_classes)."""
+        tokens = (tokens - self.feature_mean) / self.feature_std
         return self.head(self.norm(self.pool(tokens).mean(1)))
 
 

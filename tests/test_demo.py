@@ -1,5 +1,6 @@
-"""`make demo` end to end, with few steps: ingest, tokenizer, tokens, LVMAE on 2 ZeRO-3 processes with a
-resume, the summary and the figure; on the local store and on a local S3 server."""
+"""`make demo` end to end, with few steps: generated labelled videos, ingest, tokenizer, tokens, LVMAE on
+128-frame clips on 2 ZeRO-3 processes with a resume, the probe against a random-init encoder, the summary
+and the figures; on the local store and on a local S3 server."""
 
 import json
 import subprocess
@@ -18,11 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_runs_end_to_end_with_few_steps(tmp_path, store):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "train.demo", "--out", str(out), "--store", store]
-    cmd += ["--tokenizer-steps", "4", "--mae-steps", "6"]
+    cmd += ["--videos", "24", "--tokenizer-steps", "4", "--mae-steps", "6", "--probe-epochs", "2"]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["clips"] == 37  # 16-frame clips of the four sample videos: 8 + 15 + 7 + 7
+    assert summary["clips"] == 24  # one 128-frame clip per generated video
+    assert summary["clips_per_split"] == {"train": 16, "val": 2, "test": 6}  # by video, per class
+    probe = summary["probe"]
+    assert probe["task"] == "order" and probe["num_test_clips"] == 6 and probe["chance"] == 0.5
+    assert 0 <= probe["pretrained_top1"] <= 1 and 0 <= probe["random_init_top1"] <= 1
+    assert "probe on `order` (6 held-out test clips" in run.stdout
     assert summary["store"] == (str(out / "data") if store == "local" else "s3://lvmae-demo/data")
     art = summary["artefacts"]
     if store == "local":
@@ -31,6 +37,7 @@ def test_demo_runs_end_to_end_with_few_steps(tmp_path, store):
     assert (Path(art["mae_weights"]) / "model.safetensors").is_file()
     assert (Path(art["tokenizer"]) / "config.json").is_file()
     assert Path(art["figure"]).stat().st_size > 10_000
+    assert Path(art["probe_examples"]).stat().st_size > 10_000
     # The LVMAE run stopped at its half-way checkpoint and resumed from it: each step logged once.
     mae_log = read_log(out / "runs" / "mae" / "train_log.jsonl")
     assert [r["step"] for r in mae_log] == [1, 2, 3, 4, 5, 6]

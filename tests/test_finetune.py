@@ -125,3 +125,37 @@ def test_finetune_errors_are_one_clear_line(colour_data, tmp_path, extra, messag
 def test_finetune_refuses_a_data_set_without_labels(colour_data, train_data, tmp_path):
     proc = finetune(colour_data, tmp_path / "x", f"data.url={train_data[0]}")
     assert proc.returncode == 2 and "has no labels" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_finetune_refuses_eval_classes_missing_from_training(colour_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in (colour_data / "data").iterdir():
+        if p.name != "index.json":
+            (data / p.name).symlink_to(p)
+    index = json.loads((colour_data / "data" / "index.json").read_text())
+    counts = index["labels"]["counts"]
+    counts["test"]["blue"], counts["train"]["blue"] = counts["test"].get("blue", 0) + 1, 0
+    (data / "index.json").write_text(json.dumps(index))
+    proc = finetune(colour_data, tmp_path / "x", f"data.url={data}")
+    assert proc.returncode == 2 and "classes blue have val clips but none in data.split=train" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_start_from_the_pretrained_encoder(colour_data, tmp_path):
+    """Under ZeRO-3 on 2 ranks the pretrained weights reach every partition: after one step at lr 1e-12
+    the exported encoder is the pretrained one."""
+    from safetensors.torch import load_file
+
+    cmd = [sys.executable, "-m", "lvmae.cli", "launch", "--nproc", "2", "--launcher", "torchrun", "--"]
+    cmd += ["finetune", f"finetune.init_from={colour_data / 'export'}", f"data.url={colour_data / 'data'}"]
+    cmd += ["data.batch_size=2", "data.shuffle_buffer=8", "data.decoder=pyav", f"run.out={tmp_path / 'run'}"]
+    cmd += ["run.steps=1", "optim.total_steps=1", "optim.warmup_steps=0", "optim.lr=1e-12", "optim.min_lr=0"]
+    cmd += ["run.metrics_port_base=0", "finetune.eval_splits=[]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    before = load_file(colour_data / "export" / "model.safetensors")
+    after = load_file(tmp_path / "run" / "export" / "model.safetensors")
+    encoder = [k for k in after if k.startswith("encoder.")]
+    assert len(encoder) == 52 and all(torch.allclose(before[k], after[k], atol=1e-6) for k in encoder)

@@ -1,6 +1,7 @@
 """The attentive probe (`lvmae eval probe`): views, scores, the encoder on another grid, the command."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,10 @@ def test_probe_learns_a_learnable_task_and_writes_its_report(colour_data, tmp_pa
     saved = json.loads((tmp_path / "probe.json").read_text())
     assert saved["classes"] == ["blue", "green", "red"] and saved["test"]["confusion"] == test["confusion"]
     assert (tmp_path / "confusion.png").stat().st_size > 0 and (tmp_path / "examples.png").stat().st_size > 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "probe.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["classes"]) == ["blue", "green", "red"]
     # the features are cached: a second probe with other probe settings reuses them
     cached = sorted(p.name for p in (tmp_path / "features").iterdir())
     r2 = run_probe(
@@ -84,7 +89,7 @@ def test_probe_learns_a_learnable_task_and_writes_its_report(colour_data, tmp_pa
         str(tmp_path),
     )
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == cached
-    assert r2["test"]["num_clips"] == 9
+    assert r2["test"]["num_clips"] == 9 and Path(r2["examples_png"]).is_file()  # examples come from the cache
 
 
 def test_probe_on_other_frames_with_views_and_random_init(colour_data, tmp_path):
@@ -113,6 +118,16 @@ def test_probe_command_and_its_clear_errors(colour_data, tmp_path, capsys):
     for args, message in cases:
         assert main(["eval", "probe", *args, "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
+    # weights that do not fit the encoder their config describes
+    from lvmae.weights import save_mae
+
+    cfg = preset_config("tiny", num_frames=16, img_size=32, patch_size=8)
+    wrong = preset_config("tiny", num_frames=16, img_size=32, patch_size=16)
+    wrong.masking.encoder_ratio = 0.5
+    save_mae(MaskedVideoAutoencoder(wrong).state_dict(), cfg, tmp_path / "mixed")
+    assert main(["eval", "probe", str(tmp_path / "mixed"), data, "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit the tiny encoder" in err and "patch_embed.proj.weight" in err
     # a data set without labels, and a class with test clips but no training clips
     unlabelled = tmp_path / "unlabelled"
     index = json.loads((colour_data / "data" / "index.json").read_text())

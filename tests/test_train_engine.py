@@ -58,7 +58,11 @@ def test_every_recipe_loads_and_validates(recipe: Path) -> None:
 @pytest.mark.parametrize("recipe", TOKENIZER_RECIPES, ids=lambda p: p.stem)
 def test_every_tokenizer_recipe_loads_and_matches_its_mae_recipe(recipe: Path) -> None:
     cfg = load_tokenizer_train_config([recipe], ["data.url=/tmp/data"])
-    mae = {"tokenizer_demo_cpu": "demo_cpu", "tokenizer_128f": "vitb_128f"}[recipe.stem]
+    mae = {
+        "tokenizer_demo_cpu": "demo_cpu",
+        "tokenizer_demo_128f_cpu": "demo_128f_cpu",
+        "tokenizer_128f": "vitb_128f",
+    }[recipe.stem]
     model = load_train_config([REPO / f"configs/{mae}.yaml"], REQUIRED).model_config()
     check_tokenizer_matches(model, cfg.tokenizer)  # same tubelet grid, same FSQ levels
     assert cfg.tokenizer.video.num_frames == model.video.num_frames

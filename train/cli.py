@@ -166,6 +166,7 @@ def cmd_eval_probe(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         random_init=args.random_init,
+        feature_norm=args.feature_norm,
         decoder=args.decoder,
     )
     results = run_probe(args.source, args.dataset, cfg, out=args.out)
@@ -210,11 +211,17 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument(
         "--views", default="1x1", help="TEMPORALxSPATIAL views per clip, logits averaged (default 1x1)"
     )
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-init", action="store_true", help="probe an untrained encoder of the same shape")
+    p.add_argument(
+        "--feature-norm",
+        choices=("channel", "none"),
+        default="channel",
+        help="standardize feature channels with training statistics (default) or probe raw tokens",
+    )
     p.add_argument("--decoder", choices=("auto", "dali", "pyav"), default="auto", help="clip decoder")
     p.set_defaults(func=cmd_eval_probe)
 

@@ -1,14 +1,18 @@
-"""`make demo`: the pipeline end to end on the embedded default (local store, real videos, CPU).
+"""`make demo`: the pipeline end to end on the embedded default (local store, generated videos, CPU).
 
-1. `lvmae ingest clips`: the four real sample videos -> 16-frame 64 px VP9 clip shards + index.json.
+1. `lvmae ingest synth` + `lvmae ingest clips`: procedural benchmark videos (docs/evaluation.md) -> 128-frame
+   32 px VP9 clip shards + index.json, with labels and train / val / test splits made by source video.
 2. `lvmae launch --nproc 2 -- train tokenizer`: a tiny FSQ-MagViT tokenizer and token scorer, fitted on
-   the shards by two DeepSpeed ZeRO-3 processes; then `lvmae eval tokenizer`'s figures for it
+   the train split by two DeepSpeed ZeRO-3 processes; then `lvmae eval tokenizer`'s figures for it
    (reconstruction, codebook use, what its priority picks) and its PNG.
 3. `lvmae ingest tokens`: its codes and priorities for every clip, into the Zarr token store.
-4. `lvmae launch --nproc 2 -- train mae`: a tiny LVMAE (adaptive decoder mask on the top-priority 15% of
-   tokens, token targets), two ZeRO-3 processes with their Prometheus endpoints live, stopped at a
-   checkpoint half way and resumed from it (`--resume auto`) to the end.
-5. A summary (losses falling, throughput, where everything is) and a PNG of one clip.
+4. `lvmae launch --nproc 2 -- train mae`: a tiny LVMAE on 128-frame clips (adaptive decoder mask on the
+   top-priority 15% of tokens, token targets) on the train split, two ZeRO-3 processes with their
+   Prometheus endpoints live, stopped at a checkpoint half way and resumed from it (`--resume auto`).
+5. `lvmae eval probe`: an attentive probe on the frozen pretrained encoder, trained on the train split
+   and scored on the held-out test videos, against the same probe on a random-init encoder.
+6. A summary (losses, throughput, the probe's scores, where everything is) and PNGs: one clip with its
+   priorities, masks and reconstructions; test clips with their true and predicted labels.
 
 `--store s3` does the same against a local S3 server (SeaweedFS on 127.0.0.1, started here). Every step
 resumes: running the demo again skips what is done.
@@ -85,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--store", choices=("local", "s3"), default="local")
-    parser.add_argument("--tokenizer-steps", type=int, default=600)
+    parser.add_argument("--task", default="order", help="benchmark task (lvmae ingest synth --list)")
+    parser.add_argument("--videos", type=int, default=240, help="benchmark videos (one 128-frame clip each)")
+    parser.add_argument("--tokenizer-steps", type=int, default=150)
     parser.add_argument("--mae-steps", type=int, default=300, help="the run stops half way and resumes")
+    parser.add_argument("--probe-epochs", type=int, default=100)
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -120,27 +127,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
+    from ingest.benchmark import write_benchmark
     from ingest.clips import ingest_clips
     from ingest.config import ClipSpec, IngestConfig
-    from ingest.samples import sample_videos
     from ingest.tokens import ingest_tokens
     from train.trainer import read_log
 
     logs = out / "logs"
-    print(f"1/5 ingest: the four sample videos -> 16-frame 64 px clip shards in {data}", flush=True)
-    spec = ClipSpec(num_frames=16, size=64)
+    print(
+        f"1/6 ingest: {args.videos} generated `{args.task}` videos -> 128-frame 32 px clips in {data}, "
+        "split by source video",
+        flush=True,
+    )
+    manifest = write_benchmark(out / "videos", args.task, args.videos, num_frames=128, size=32, progress=True)
     ingest = ingest_clips(
-        [str(p) for p in sample_videos().values()],
+        [str(manifest)],
         data,
-        IngestConfig(clip=spec, shard_clips=8),
+        # eight shards or so, whatever --videos: each of the two ranks needs shards of the train split
+        IngestConfig(
+            clip=ClipSpec(num_frames=128, size=32),
+            shard_clips=max(2, args.videos // 8),
+            test_share=0.25,
+            workers=2,
+        ),
         progress=True,
     )
-    print(f"  {ingest.num_samples} clips in {ingest.shards} shards", flush=True)
+    counts = {split: sum(c.values()) for split, c in ingest.labels["counts"].items()}
+    print(f"  {ingest.num_samples} clips in {ingest.shards} shards; clips per split: {counts}", flush=True)
 
-    print("2/5 train tokenizer: 2 processes, DeepSpeed ZeRO-3", flush=True)
+    print("2/6 train tokenizer: 2 processes, DeepSpeed ZeRO-3, on the train split", flush=True)
     tok_run = out / "runs" / "tokenizer"
     steps = args.tokenizer_steps
-    tok_args = ["configs/tokenizer_demo_cpu.yaml", f"data.url={data}", f"run.out={tok_run}"]
+    tok_args = ["configs/tokenizer_demo_128f_cpu.yaml", f"data.url={data}", f"run.out={tok_run}"]
     tok_args += [
         f"run.steps={steps}",
         f"optim.total_steps={steps}",
@@ -150,22 +168,23 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     launch("tokenizer", [*tok_args, "--resume", "auto"], logs / "tokenizer.log")
     from train.eval_tokenizer import run_eval_tokenizer, summary_lines
 
-    tok_eval = run_eval_tokenizer(str(tok_run / "tokenizer"), data, out=str(out / "tokenizer-eval"))
+    tok_eval = run_eval_tokenizer(str(tok_run / "tokenizer"), data, out=str(out / "tokenizer-eval"), clips=32)
     print(f"  lvmae eval tokenizer on {tok_eval['clips']} clips:", flush=True)
     for line in summary_lines(tok_eval):
         print(f"    {line}", flush=True)
 
-    print("3/5 ingest tokens: the frozen tokenizer's codes and priorities -> Zarr", flush=True)
+    print("3/6 ingest tokens: the frozen tokenizer's codes and priorities -> Zarr", flush=True)
     tokens = ingest_tokens(data, str(tok_run / "tokenizer"), device="cpu", progress=True)
     print(f"  {tokens.num_valid} clips -> {tokens.store}", flush=True)
 
     print(
-        "4/5 train mae: tiny LVMAE, adaptive decoder mask (15% of tokens), token targets, 2 processes",
+        "4/6 train mae: tiny LVMAE on 128-frame clips, adaptive decoder mask (15% of tokens), token "
+        "targets, 2 processes, train split",
         flush=True,
     )
     mae_run = out / "runs" / "mae"
     total, half = args.mae_steps, args.mae_steps // 2
-    mae_args = ["configs/demo_cpu.yaml", f"data.url={data}", f"data.tokens={tokens.tokenizer_id}"]
+    mae_args = ["configs/demo_128f_cpu.yaml", f"data.url={data}", f"data.tokens={tokens.tokenizer_id}"]
     mae_args += [
         f"run.out={mae_run}",
         f"optim.total_steps={total}",
@@ -181,16 +200,27 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     run_args = [*mae_args, f"run.steps={total}", f"run.metrics_port_base={port}", "--resume", "auto"]
     launch("mae", run_args, logs / "mae.log", metrics_port=port)
 
-    print("5/5 figure: one clip, its priorities, masks and reconstructions", flush=True)
+    print("5/6 probe: attentive probe on the frozen encoder, held-out test videos", flush=True)
+    from train.probe import ProbeConfig, run_probe, summary_line
+
+    probes = {}
+    for kind, random_init in (("pretrained", False), ("random_init", True)):
+        cfg = ProbeConfig(epochs=args.probe_epochs, random_init=random_init)
+        probes[kind] = run_probe(str(mae_run / "export"), data, cfg, out=str(out / "probe" / kind))
+        print(f"  {summary_line(probes[kind])}", flush=True)
+
+    print("6/6 figure: one clip, its priorities, masks and reconstructions", flush=True)
     figure, accuracy = draw(data, tokens.tokenizer_id, tok_run / "tokenizer", mae_run / "export", out)
     tok_log, mae_log = read_log(tok_run / "train_log.jsonl"), read_log(mae_run / "train_log.jsonl")
     runs = {
         name: json.loads((run / "summary.json").read_text())
         for name, run in (("tokenizer", tok_run), ("mae", mae_run))
     }
+    test = {kind: r["test"] for kind, r in probes.items()}
     return {
         "store": data,
         "clips": ingest.num_samples,
+        "clips_per_split": counts,
         "tokenizer_id": tokens.tokenizer_id,
         "tokenizer_recon_mse_first_last": [round(x, 4) for x in head_tail([r["loss"] for r in tok_log])],
         "tokenizer_eval": {
@@ -200,7 +230,16 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         "mae_steps": [r["step"] for r in mae_log][-1],
         "clips_per_s": {"tokenizer": runs["tokenizer"]["clips_per_s"], "mae": runs["mae"]["clips_per_s"]},
         "selected_code_accuracy": round(accuracy, 3),
+        "probe": {
+            "pretrained_top1": test["pretrained"]["top1"],
+            "random_init_top1": test["random_init"]["top1"],
+            "task": args.task,
+            "num_test_clips": test["pretrained"]["num_clips"],
+            "chance": test["pretrained"]["chance"],
+            "num_train_clips": probes["pretrained"]["num_train_clips"],
+        },
         "artefacts": {
+            "videos": str(manifest),
             "data": data,
             "token_store": tokens.store,
             "tokenizer": str(tok_run / "tokenizer"),
@@ -211,6 +250,9 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
             "figure": str(figure),
             "tokenizer_eval": tok_eval["json"],
             "tokenizer_figure": tok_eval["figure"],
+            "probe": probes["pretrained"]["json"],
+            "probe_examples": probes["pretrained"].get("examples_png"),
+            "probe_confusion": probes["pretrained"]["confusion_png"],
         },
     }
 
@@ -235,7 +277,7 @@ def print_summary(s: dict, out: Path) -> None:
     t0, t1 = s["tokenizer_recon_mse_first_last"]
     m0, m1 = s["mae_token_loss_first_last"]
     print()
-    print(f"demo done in {s['seconds']} s ({s['clips']} clips, store {s['store']})")
+    print(f"demo done in {s['seconds']} s ({s['clips']} clips of 128 frames, store {s['store']})")
     print(
         f"  tokenizer {s['tokenizer_id']}: reconstruction MSE {t0:.4f} -> {t1:.4f} (first -> last tenth of steps)"
     )
@@ -245,6 +287,12 @@ def print_summary(s: dict, out: Path) -> None:
         f"priority vs frame difference: rank correlation {te['priority']['frame_diff_spearman']:.2f}"
     )
     print(f"  LVMAE ({s['mae_steps']} steps, resumed once): token loss {m0:.3f} -> {m1:.3f}")
+    p = s["probe"]
+    print(
+        f"  probe on `{p['task']}` ({p['num_test_clips']} held-out test clips, chance {100 * p['chance']:.0f}%): "
+        f"pretrained encoder {100 * p['pretrained_top1']:.1f}% top-1, random-init encoder "
+        f"{100 * p['random_init_top1']:.1f}%"
+    )
     print(
         f"  throughput: tokenizer {s['clips_per_s']['tokenizer']} clips/s, LVMAE {s['clips_per_s']['mae']} clips/s (2 CPU processes)"
     )

@@ -323,6 +323,7 @@ class ClipLoader:
             counts = {s["name"]: int(s.get("splits", {}).get(split, 0)) for s in index["shards"]}
         self.shard_samples = {name: n for name, n in counts.items() if n > 0}
         self.classes = self.filter.classes
+        self.label_counts: dict[str, dict[str, int]] = (index.get("labels") or {}).get("counts", {})
         self.shards = list(self.shard_samples)
         split_by_rank(self.shards, rank, world_size)  # fail now, not at the first batch
         self.spec = index["clip_spec"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from lvmae.config import ConfigError, MAEConfig, load_config
 from lvmae.errors import UserError
-from lvmae.heads import AttentiveProbe, encoder_config, encoder_for
+from lvmae.heads import AttentiveProbe, check_encoder_state, encoder_config, encoder_for
 from lvmae.mae import VideoViT
 from lvmae.weights import MAE_CONFIG, MAE_WEIGHTS, write_text_atomically
 
@@ -43,13 +43,16 @@ class ProbeConfig:
     size: int | None = None  # its clip side (default: its pretraining size)
     temporal_views: int = 1  # windows of `frames` per clip, evenly spread
     spatial_views: int = 1  # crops of `size` per window, along the diagonal
-    epochs: int = 20
+    epochs: int = 100  # the cached features make epochs cheap; small data sets need many steps
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_share: float = 0.1  # of the probe's steps
     label_smoothing: float = 0.0
     num_heads: int = 4
+    # channel: standardize each feature channel with the training features' statistics (MAE's BatchNorm
+    # before its linear probe); none: the raw tokens (docs/evaluation.md: what each does to which encoder)
+    feature_norm: str = "channel"
     seed: int = 0
     random_init: bool = False
     decoder: str = "auto"  # clip decoder backend, as data.decoder
@@ -61,6 +64,8 @@ class ProbeConfig:
                 raise ConfigError(f"probe {name}: must be at least 1")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_share < 1:
             raise ConfigError("probe lr must be > 0, weight_decay >= 0, warmup_share in [0, 1)")
+        if self.feature_norm not in ("channel", "none"):
+            raise ConfigError(f"probe feature_norm: must be channel or none; got {self.feature_norm!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError("probe label_smoothing: must be in [0, 1)")
 
@@ -165,7 +170,8 @@ def extract(
 
 
 def cached_features(cache: Path, compute: Any) -> dict[str, Any]:
-    """compute() once per cache file (safetensors: features, labels; keys in its metadata)."""
+    """compute() once per cache file (safetensors: features, labels, example clips as uint8; keys in its
+    metadata)."""
     from safetensors.torch import load_file, save_file
 
     from lvmae.weights import replace_atomically
@@ -176,10 +182,13 @@ def cached_features(cache: Path, compute: Any) -> dict[str, Any]:
         with safe_open(str(cache), "pt") as f:
             keys = json.loads(f.metadata()["keys"])
         t = load_file(cache)
-        return {"features": t["features"], "labels": t["labels"], "keys": keys, "examples": []}
+        examples = list(t["examples"].float() / 255) if "examples" in t else []
+        return {"features": t["features"], "labels": t["labels"], "keys": keys, "examples": examples}
     got = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"features": got["features"].contiguous(), "labels": got["labels"].contiguous()}
+    if got["examples"]:
+        tensors["examples"] = (torch.stack(got["examples"]).clamp(0, 1) * 255).round().to(torch.uint8)
     replace_atomically(
         cache.parent, cache.name, lambda p: save_file(tensors, p, metadata={"keys": json.dumps(got["keys"])})
     )
@@ -206,6 +215,8 @@ def train_probe(
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     probe = AttentiveProbe(features.shape[-1], num_classes, cfg.num_heads)
+    if cfg.feature_norm == "channel":
+        probe.set_feature_stats(x[:: max(1, len(x) // 64)])  # a strided sample of the training views
     decay = [p for name, p in probe.named_parameters() if p.ndim > 1 and name != "pool.query"]
     other = [p for name, p in probe.named_parameters() if not (p.ndim > 1 and name != "pool.query")]
     opt = torch.optim.AdamW(
@@ -290,6 +301,7 @@ def run_probe(source: str, dataset: str, cfg: ProbeConfig, out: str | None = Non
     size = cfg.size or mae_cfg.video.img_size
     try:
         encoder_config(mae_cfg, frames, size)
+        check_encoder_state(mae_cfg, state, loaded)
     except ConfigError as err:
         raise UserError(str(err)) from None
 
@@ -377,6 +389,8 @@ def run_probe(source: str, dataset: str, cfg: ProbeConfig, out: str | None = Non
     }
     write_text_atomically(target / "probe.json", json.dumps(results, indent=1) + "\n")
     results["json"] = str(target / "probe.json")
+    save_probe(probe, classes, target / "probe.safetensors")
+    results["weights"] = str(target / "probe.safetensors")
     results["confusion_png"] = str(
         save_confusion(results["test"], classes, target / "confusion.png", results)
     )
@@ -385,6 +399,17 @@ def run_probe(source: str, dataset: str, cfg: ProbeConfig, out: str | None = Non
         names = [(classes[int(t)], classes[int(p)]) for t, p in zip(feats["test"]["labels"], test_pred)]
         results["examples_png"] = str(save_examples(examples, names, target / "examples.png", results))
     return results
+
+
+def save_probe(probe: AttentiveProbe, classes: list[str], path: Path) -> None:
+    """The trained probe (safetensors, class names in its metadata), written atomically."""
+    from safetensors.torch import save_file
+
+    from lvmae.weights import replace_atomically
+
+    tensors = {k: v.detach().contiguous() for k, v in probe.state_dict().items()}
+    meta = {"format": "lvmae-attentive-probe", "classes": json.dumps(classes)}
+    replace_atomically(path.parent, path.name, lambda p: save_file(tensors, p, metadata=meta))
 
 
 def save_confusion(s: dict[str, Any], classes: list[str], path: Path, results: dict[str, Any]) -> Path:
@@ -415,20 +440,51 @@ def save_confusion(s: dict[str, Any], classes: list[str], path: Path, results: d
     return path
 
 
-def save_examples(clips: list[torch.Tensor], names: list[tuple[str, str]], path: Path, results: dict) -> Path:
-    """A row per test clip (3, T, H, W): a few frames, labelled with the true and predicted class."""
-    from train.figure import frame_grid
+def example_frames(clip: torch.Tensor, n: int = 8) -> list[int]:
+    """n frame numbers of a clip (3, T, H, W), in time order: the frames that differ most from the clip's
+    median frame (brief events), topped up with evenly spaced ones."""
+    t = clip.shape[1]
+    deviation = (clip - clip.median(dim=1, keepdim=True).values).abs().mean((0, 2, 3))  # (T,)
+    picks: list[int] = []
+    for f in deviation.argsort(descending=True).tolist():
+        if len(picks) == n // 2:
+            break
+        if all(abs(f - p) > 2 for p in picks):  # one frame per event
+            picks.append(f)
+    for f in (round(i * (t - 1) / (n - 1)) for i in range(n)):
+        if len(picks) < n and f not in picks:
+            picks.append(f)
+    return sorted(picks)
 
-    t = clips[0].shape[1]
-    picks = [round(i * (t - 1) / 7) for i in range(8)]
-    rows = []
-    for clip, (true, pred) in zip(clips, names):
+
+def save_examples(clips: list[torch.Tensor], names: list[tuple[str, str]], path: Path, results: dict) -> Path:
+    """A row per test clip (3, T, H, W): eight of its frames (the most unusual ones and evenly spaced
+    ones), with the true and predicted class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 8
+    fig, axes = plt.subplots(len(clips), cols, figsize=(1.4 * cols + 1.6, 1.55 * len(clips)), squeeze=False)
+    for r, (clip, (true, pred)) in enumerate(zip(clips, names)):
         frames = clip.permute(1, 2, 3, 0).clamp(0, 1)  # (T, H, W, 3)
-        mark = "ok" if true == pred else "WRONG"
-        rows.append((f"true {true}\npred {pred} ({mark})", lambda f, fr=frames: fr[f], {}))
+        for c, f in enumerate(example_frames(clip, cols)):
+            ax = axes[r][c]
+            ax.imshow(frames[f].numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"frame {f}", fontsize=7)
+        mark = "right" if true == pred else "WRONG"
+        axes[r][0].set_ylabel(f"true: {true}\npredicted:\n{pred}\n({mark})", fontsize=7)
     kind = "random-init" if results["random_init"] else "pretrained"
-    title = f"test clips, {kind} encoder probe (top-1 {100 * results['test']['top1']:.0f}%)"
-    return frame_grid(rows, picks, title, path, cell=1.3)
+    fig.suptitle(
+        f"test clips, {kind} encoder probe (top-1 {100 * results['test']['top1']:.0f}%)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def summary_line(r: dict[str, Any]) -> str:

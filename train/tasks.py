@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lvmae.config import ConfigError
-from lvmae.heads import VideoClassifier, encoder_config, encoder_for, layer_id
+from lvmae.heads import VideoClassifier, check_encoder_state, encoder_config, encoder_for, layer_id
 from lvmae.losses import mae_loss
 from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.tokenizer import Tokenizer, save_tokenizer, tokenizer_loss
@@ -157,6 +157,7 @@ class FinetuneTask:
         self.cfg = cfg
         f = cfg.finetune
         self.mae_cfg, self._state, self.source = load_source(f.init_from)
+        check_encoder_state(self.mae_cfg, self._state, self.source)
         self.model_cfg = encoder_config(self.mae_cfg, f.num_frames, f.img_size)
         self.model_cfg.encoder.drop_path = f.drop_path
         v = self.model_cfg.video
@@ -172,9 +173,21 @@ class FinetuneTask:
                 f"px, but the clips in {url} are {clip_spec['num_frames']} frames of {clip_spec['size']} px"
             )
 
-    def set_classes(self, classes: list[str]) -> None:
+    def set_classes(self, classes: list[str], counts: dict[str, dict[str, int]] | None = None) -> None:
+        """The data set's class map; counts (split -> class -> clips) are checked: every class scored in
+        finetune.eval_splits must have clips in the training split."""
         if len(classes) < 2:
             raise ConfigError(f"data.url: fine-tuning needs at least 2 classes, the data set has {classes}")
+        train = (counts or {}).get(self.cfg.data.split or "train", {})
+        for split in self.cfg.finetune.eval_splits:
+            unknown = sorted(
+                c for c, n in (counts or {}).get(split, {}).items() if n and c and not train.get(c)
+            )
+            if unknown:
+                raise ConfigError(
+                    f"finetune.eval_splits: classes {', '.join(unknown)} have {split} clips but none in "
+                    f"data.split={self.cfg.data.split}: the classifier cannot learn them"
+                )
         self.classes = list(classes)
 
     def build_model(self) -> nn.Module:

@@ -144,7 +144,7 @@ def build_loader(cfg: Any, task: Task, dist: Dist) -> ClipLoader:
     attrs = dict(loader.tokens.group.attrs) if loader.tokens is not None else None
     task.check_data(loader.spec, attrs, cfg.data.url)
     if hasattr(task, "set_classes"):
-        task.set_classes(loader.classes)
+        task.set_classes(loader.classes, loader.label_counts)
     return loader
 
 

@@ -91,7 +91,7 @@ DRIFT = 0.3  # drift task: total drift over the clip, in frame sides
 WOBBLE = 0.15  # drift task: total amplitude of the oscillation, in frame sides
 WOBBLE_CYCLES = (2, 3, 5, 6)  # drift task: cycles per clip of each sine (not 4 or 8: they cancel in T/4)
 MIN_LONG_FRAMES = 32
-CRF = 10  # H.264 quality: small coloured events must survive the coding
+QP = 10  # H.264 constant quantizer: small coloured events must survive the coding
 
 
 def event_length(num_frames: int) -> int:
@@ -221,17 +221,21 @@ def make_clip(task: str, label: int, seed: int, num_frames: int = 128, size: int
 
 
 def encode_video(path: Path, clip: np.ndarray, fps: int = 25) -> None:
-    """Write a (T, H, W, 3) uint8 clip to `path` as H.264 (yuv420p, CRF) in MP4, atomically."""
+    """Write a (T, H, W, 3) uint8 clip to `path` as H.264 (yuv420p, constant QP) in MP4, atomically.
+
+    Byte-identical from run to run: one thread, and a constant quantizer rather than CRF, whose
+    floating-point rate control gave other bytes once the process had decoded H.264 (the decoder leaves
+    the CPU's floating-point state changed)."""
     import av
 
     tmp = path.with_name(f".{path.stem}.partial.mp4")
     with av.open(str(tmp), "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
-        # One thread: x264 output is then byte-identical from run to run (reruns rewrite files identically).
-        stream.options = {"crf": str(CRF), "preset": "veryfast", "threads": "1"}
+        stream.options = {"qp": str(QP), "preset": "veryfast", "threads": "1"}
         for frame in clip:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            out.mux(stream.encode(rgb.reformat(format="yuv420p", threads=1)))
         out.mux(stream.encode(None))
     os.replace(tmp, path)
 
@@ -286,7 +290,7 @@ def write_benchmark(
         raise ValueError(f"seed must be >= 0 and fps >= 1 (got seed {seed}, fps {fps})")
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    settings = {"task": task, "frames": num_frames, "size": size, "seed": seed, "fps": fps, "crf": CRF}
+    settings = {"task": task, "frames": num_frames, "size": size, "seed": seed, "fps": fps, "qp": QP}
     _claim(out, settings)
     labels = benchmark_labels(num, len(spec.classes), seed)
     rows = []

@@ -2,10 +2,11 @@
 
 A chain of small generator stages (webdataset style), each usable on a plain list:
 
-    shard_order (seeded by seed + epoch, same on every rank) -> split_by_rank (round robin)
-    -> read_shards (fsspec stream, bounded retries) -> tar_samples (KEY.webm + KEY.json grouped)
-    -> shuffle (seeded buffer) -> [skip `consumed` on resume] -> decode_batches (bad clips skipped,
-    batch refilled) -> token join (codes, priority; invalid rows skipped before decoding)
+    shard_order (seeded by seed + epoch, same on every rank; with a split, only shards holding it)
+    -> split_by_rank (round robin) -> read_shards (fsspec stream, bounded retries) -> tar_samples
+    (KEY.webm + KEY.json grouped) -> shuffle (seeded buffer) -> [skip `consumed` on resume]
+    -> decode_batches (other splits' samples passed over, bad clips skipped, batch refilled)
+    -> token join (codes, priority; invalid rows skipped before decoding), class ids from KEY.json
 
 One process per rank: decoding is parallel inside DALI (its threads), not across DataLoader workers.
 

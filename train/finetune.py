@@ -26,10 +26,11 @@ def split_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (logits (N, C) averaged over views, labels (N,)) for every clip of the loader."""
     v = model.encoder.video
+    device = next(model.parameters()).device
     logits, labels = [], []
     for b in loader:
         views = cut_views(b["video"], v.num_frames, v.img_size, temporal, spatial)  # (B, V, C, T, H, W)
-        flat = torch.cat([model(x) for x in views.flatten(0, 1).split(batch)])
+        flat = torch.cat([model(x.to(device)).cpu() for x in views.flatten(0, 1).split(batch)])
         logits.append(flat.reshape(*views.shape[:2], -1).mean(1))
         labels.append(b["labels"])
     return torch.cat(logits), torch.cat(labels)
@@ -50,7 +51,7 @@ def evaluate_classifier(
         model, classes = load_classifier(export)
     except ValueError as err:
         raise UserError(str(err)) from None
-    model.eval()
+    model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, Any] = {"classifier": str(export), "dataset": dataset, "classes": classes}
     results["views"] = f"{temporal_views}x{spatial_views}"
     for split in splits:

@@ -159,7 +159,10 @@ def extract(
             views = cut_views(batch["video"], frames, size, cfg.temporal_views, cfg.spatial_views)
             b, v = views.shape[:2]
             flat = views.flatten(0, 1)
-            out = torch.cat([encoder(x) for x in flat.split(cfg.extract_batch)])  # (B*V, tokens, D)
+            device = next(encoder.parameters()).device  # the GPU where there is one
+            out = torch.cat(
+                [encoder(x.to(device)).cpu() for x in flat.split(cfg.extract_batch)]
+            )  # (B*V, N, D)
             feats.append(out.reshape(b, v, *out.shape[1:]).half())
             labels.append(batch["labels"])
             keys += batch["keys"]
@@ -338,6 +341,7 @@ def run_probe(source: str, dataset: str, cfg: ProbeConfig, out: str | None = Non
 
     torch.manual_seed(cfg.seed)
     encoder = encoder_for(mae_cfg, None if cfg.random_init else state, frames, size)
+    encoder.to("cuda" if torch.cuda.is_available() else "cpu")  # features on the GPU; the probe on the CPU
     key = digest(
         None if cfg.random_init else state,
         cfg.random_init and cfg.seed,

@@ -299,7 +299,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
             grad_norm = engine.get_global_grad_norm()
             extra = task.step_metrics() if hasattr(task, "step_metrics") else {}
             if extra:  # averaged over ranks, like the loss
-                values = torch.tensor(list(extra.values()), dtype=torch.float64)
+                values = torch.tensor(list(extra.values()), dtype=torch.float32, device=loss_sum.device)
                 tdist.all_reduce(values)
                 extra = dict(zip(extra, (values / dist.world_size).tolist()))
             t2 = time.perf_counter()

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.synth import SceneSpec, bounce_path, moving_objects_clip, texture
+from lvmae.weights import write_text_atomically
 
 
 @dataclass(frozen=True)
@@ -250,12 +251,6 @@ def video_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _claim(out: Path, settings: dict) -> None:
     """Record the settings in OUT/benchmark.json; ValueError when OUT holds another benchmark."""
     record = out / "benchmark.json"
@@ -265,7 +260,7 @@ def _claim(out: Path, settings: dict) -> None:
             diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
             raise ValueError(f"{out} holds a benchmark made with other settings ({diff}): use another OUT")
         return
-    _atomic_write(record, json.dumps(settings, indent=2) + "\n")
+    write_text_atomically(record, json.dumps(settings, indent=2) + "\n")
 
 
 def write_benchmark(
@@ -304,7 +299,7 @@ def write_benchmark(
     writer.writerow(("path", "label"))
     writer.writerows(rows)
     manifest = out / "manifest.csv"
-    _atomic_write(manifest, text.getvalue())
+    write_text_atomically(manifest, text.getvalue())
     return manifest
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lvmae.config import ConfigError, MAEConfig
-from lvmae.mae import VideoViT
+from lvmae.mae import VideoViT, init_like_mae
 from lvmae.vit import Mlp, init_weights
 
 ENCODER_PREFIX = "encoder."
@@ -53,7 +53,7 @@ def encoder_for(
     if drop_path is not None:
         cfg.encoder.drop_path = drop_path
     encoder = VideoViT(cfg)
-    encoder.apply(_init_like_mae)
+    encoder.apply(init_like_mae)
     if state is not None:
         own = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
         encoder.load_state_dict(own, strict=True)
@@ -83,12 +83,6 @@ def check_encoder_state(cfg: MAEConfig, state: dict[str, torch.Tensor], where: s
     raise ConfigError(
         f"{where}: its encoder weights do not fit the {cfg.preset} encoder its config describes ({detail})"
     )
-
-
-def _init_like_mae(module: nn.Module) -> None:
-    init_weights(module)
-    if isinstance(module, nn.Conv3d):
-        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
 
 
 class AttentivePooler(nn.Module):

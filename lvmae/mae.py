@@ -25,6 +25,13 @@ def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def init_like_mae(module: nn.Module) -> None:
+    """ViT init (init_weights), and the tubelet projection initialized like a linear layer, as MAE does."""
+    init_weights(module)
+    if isinstance(module, nn.Conv3d):
+        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+
+
 class TubeletEmbed(nn.Module):
     """One linear map per t x p x p tubelet, held as a strided Conv3d (the usual checkpoint layout)."""
 
@@ -138,9 +145,7 @@ class MaskedVideoAutoencoder(nn.Module):
         self.apply(self._init_module)
 
     def _init_module(self, module: nn.Module) -> None:
-        init_weights(module)
-        if isinstance(module, nn.Conv3d):  # MAE initializes the tubelet projection like a linear layer
-            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+        init_like_mae(module)
         if module is self:
             nn.init.normal_(self.mask_token, std=0.02)
 

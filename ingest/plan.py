@@ -69,6 +69,17 @@ def sampling_step(src_fps: float, target_fps: float | None, frame_stride: int) -
     return float(frame_stride)
 
 
+def clip_span(num_frames: int, step: float) -> int:
+    """Source frames one clip covers, its first to its last sampled frame: a source needs at least this many."""
+    return frame_indices(0, num_frames, step)[-1] + 1
+
+
+def sampled_frames(total_frames: int, num_frames: int, step: float) -> int:
+    """How many of a clip's `num_frames` frames, sampled every `step` from the first, a source of
+    `total_frames` frames holds (num_frames when a clip fits)."""
+    return sum(1 for i in frame_indices(0, num_frames, step) if i < total_frames)
+
+
 def clip_starts(total_frames: int, num_frames: int, step: float, clip_stride: int) -> list[int]:
     """First source frame of every clip that fits: clips start every `clip_stride` OUTPUT frames.
 

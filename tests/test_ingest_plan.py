@@ -4,12 +4,14 @@ import pytest
 
 from ingest.plan import (
     VideoInfo,
+    clip_span,
     clip_starts,
     frame_indices,
     group_into_shards,
     plan_clips,
     plan_digest,
     sample_key,
+    sampled_frames,
     sampling_step,
     shards_of_node,
 )
@@ -21,6 +23,15 @@ def test_clip_starts_fit_inside_the_video():
     assert clip_starts(127, 32, 1.0, 32) == [0, 32, 64]
     assert clip_starts(31, 32, 1.0, 32) == []
     assert clip_starts(64, 32, 1.0, 16) == [0, 16, 32]  # overlapping clips
+
+
+def test_a_video_shorter_than_a_clip_span_has_no_clip():
+    assert (clip_span(32, 1.0), clip_span(16, 2.0), clip_span(16, 2.5)) == (32, 31, 39)
+    assert [sampled_frames(n, 16, 2.0) for n in (20, 30, 31, 99)] == [10, 15, 16, 16]
+    for total, frames, step in itertools.product(range(0, 80, 3), (4, 16), (1.0, 1.5, 2.0, 2.5)):
+        short = total < clip_span(frames, step)
+        assert short == (not clip_starts(total, frames, step, frames)), (total, frames, step)
+        assert short == (sampled_frames(total, frames, step) < frames), (total, frames, step)
 
 
 def test_frame_stride_and_target_fps():

@@ -8,6 +8,7 @@ import re
 import sys
 
 from ingest.config import ClipSpec, IngestConfig
+from ingest.retry import StoreUnavailable
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
@@ -64,9 +65,35 @@ def _print_skipped(errors: list[dict], name, limit: int = 10) -> None:
         print(f"  ... and {len(errors) - limit} more (all in errors.jsonl)")
 
 
+def _executor(args: argparse.Namespace) -> str:
+    """--executor, checked: Ray importable when asked for, --ray-address only with it (ExecutorError)."""
+    from ingest.ray_executor import ExecutorError, check_available
+
+    if args.executor == "ray":
+        check_available()
+    elif args.ray_address is not None:
+        raise ExecutorError("--ray-address is for --executor ray")
+    return args.executor
+
+
+def _add_executor_args(p: argparse.ArgumentParser, local: str, ray: str) -> None:
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help=f"local: {local} (default); ray: {ray} (pip install lvmae[ray])",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (auto, HOST:PORT); default: start a local Ray on 127.0.0.1",
+    )
+
+
 def cmd_clips(args: argparse.Namespace) -> int:
     from ingest.clips import IngestError, ingest_clips
     from ingest.labels import LabelError
+    from ingest.ray_executor import ExecutorError
     from ingest.sources import SourceError
     from lvmae.errors import UserError
 
@@ -97,12 +124,17 @@ def cmd_clips(args: argparse.Namespace) -> int:
             cfg,
             progress=not args.quiet,
             on_progress=metrics_exporter(args.metrics_port, args.metrics_addr),
+            executor=_executor(args),
+            ray_address=args.ray_address,
         )
-    except (IngestError, SourceError, LabelError) as err:
+    except (IngestError, SourceError, LabelError, ExecutorError) as err:
         raise UserError(str(err)) from None
+    except StoreUnavailable as err:
+        raise UserError(f"{err}; run the same command again once the store answers: it resumes") from None
     s = summary
     print(
-        f"ingest: {s.sources} sources ({s.bad_sources} skipped), {s.clips_planned} clips planned in {s.shards} shards; "
+        f"ingest: {s.sources} sources ({s.bad_sources} skipped, {s.too_short} too short for a clip), "
+        f"{s.clips_planned} clips planned in {s.shards} shards; "
         f"this run wrote {s.samples_written} clips ({s.bytes_written / 1e6:.1f} MB, {s.clip_errors} clip errors, "
         f"{s.shards_skipped} shards already done) in {s.seconds:.1f} s"
     )
@@ -131,6 +163,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
     Resumable per clip shard; bad clips are skipped and listed in errors.jsonl (unless --strict).
     """
+    from ingest.ray_executor import ExecutorError
     from ingest.tokens import TokensError, ingest_tokens
     from lvmae.errors import UserError
 
@@ -145,9 +178,13 @@ def cmd_tokens(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             workers=args.workers,
             strict=args.strict,
+            executor=_executor(args),
+            ray_address=args.ray_address,
         )
-    except TokensError as err:
+    except (TokensError, ExecutorError) as err:
         raise UserError(str(err)) from None
+    except StoreUnavailable as err:
+        raise UserError(f"{err}; run the same command again once the store answers: it resumes") from None
     print(
         f"tokens: {s.clips} clips tokenized, {s.skipped} skipped ({s.shards_skipped} of {s.shards} shards "
         f"already done) in {s.seconds:.1f} s on {s.device}"
@@ -214,6 +251,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--shard-clips", type=int, default=None, help="exact clips per shard (overrides --shard-size)"
     )
     p.add_argument("--workers", type=int, default=1, help="parallel shard writers on this machine")
+    _add_executor_args(p, "--workers processes on this machine", "a Ray task per shard")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="fail on the first bad file instead of skipping it")
@@ -252,6 +290,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=8, help="clips per tokenizer forward pass (default 8)")
     t.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     t.add_argument("--workers", type=int, default=1, help="threads decoding clips ahead of the tokenizer")
+    _add_executor_args(t, "this process", "Ray actors holding the tokenizer, a shard at a time")
     t.add_argument("--strict", action="store_true", help="fail on the first bad clip instead of skipping it")
     t.add_argument(
         "--storage-options", default=None, help="JSON fsspec options (credentials: use the environment)"

@@ -4,7 +4,8 @@ Layout under --out:
   shards/shard-NNNNNN.tar    samples KEY.webm (the clip) + KEY.json (its metadata), byte-for-byte
                              deterministic for a given corpus and spec
   shards/shard-NNNNNN.json   the shard's completion record (written after the tar: its commit marker)
-  errors.jsonl               every skipped source or clip: {"source", "reason", "detail"}
+  errors.jsonl               every skipped source or clip: {"source", "reason", "detail"}; a source too
+                             short for one clip (reason too-short) also gives its frame counts
   index.json                 written LAST, once every shard is recorded: its presence means complete
 """
 
@@ -29,12 +30,16 @@ from ingest.config import ClipSpec, IngestConfig
 from ingest.plan import (
     Clip,
     VideoInfo,
+    clip_span,
     estimate_clip_bytes,
     group_into_shards,
     plan_clips,
     plan_digest,
+    sampled_frames,
+    sampling_step,
     shards_of_node,
 )
+from ingest.retry import StoreRetry
 from ingest.sources import Source, expand_sources
 from ingest.storage import Store
 from ingest.video import BadVideo, clip_extension, cut_clips, probe, sha256_hex
@@ -66,15 +71,43 @@ def _open_source(uri: str, storage_options: dict[str, Any]):
     return f
 
 
-def probe_source(src: Source, storage_options: dict[str, Any]) -> VideoInfo | dict[str, str]:
-    """VideoInfo, or an error record {"source", "reason", "detail"}."""
-    try:
+def _remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _fetch_source(uri: str, storage_options: dict[str, Any], tmp: str, retry: StoreRetry) -> str:
+    """A local path to decode `uri` from: itself if local, else a copy downloaded into `tmp` (a store
+    outage is waited out; libav reading over the network could not tell an outage from a corrupt file)."""
+    if not _remote(uri):
+        return _open_source(uri, storage_options)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    local = os.path.join(tmp, "source" + os.path.splitext(path)[1])
+    retry.call(lambda: fs.get_file(path, local), f"downloading {uri}")
+    if os.path.getsize(local) == 0:
+        raise BadVideo("empty", "zero-byte file")
+    return local
+
+
+def probe_source(
+    src: Source, storage_options: dict[str, Any], retry: StoreRetry | None = None
+) -> VideoInfo | dict[str, str]:
+    """VideoInfo, or an error record {"source", "reason", "detail"}. A remote source is probed again
+    through a store outage (up to the retry deadline, then StoreUnavailable), never recorded as bad for it."""
+
+    def attempt() -> VideoInfo:
         handle = _open_source(src.uri, storage_options)
         try:
             return probe(handle, src.uri, src.label, src.meta)
         finally:
             if not isinstance(handle, str):
                 handle.close()
+
+    try:
+        if _remote(src.uri):
+            return (retry or StoreRetry()).call(attempt, f"probing {src.uri}")
+        return attempt()
     except BadVideo as err:
         return {"source": src.uri, "reason": err.reason, "detail": err.detail}
     except (OSError, PermissionError) as err:
@@ -125,6 +158,7 @@ def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = No
     on_clip(n_clips, n_bytes) is called after each clip (progress, in-process runs only).
     """
     store = Store(task.out, task.storage_options or None)  # None: the endpoint from the environment
+    retry = store.retry or StoreRetry()
     ext = clip_extension(task.spec.codec)
     keys, errors, written = [], [], []
     with tempfile.TemporaryDirectory(prefix="lvmae-shard-") as tmp:
@@ -133,7 +167,7 @@ def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = No
             for uri, group in groupby(task.clips, key=lambda c: c.uri):
                 clips = list(group)
                 try:
-                    handle = _open_source(uri, task.storage_options)
+                    handle = _fetch_source(uri, task.storage_options, tmp, retry)
                 except (BadVideo, OSError) as err:
                     reason = err.reason if isinstance(err, BadVideo) else "unreadable"
                     errors += [
@@ -162,6 +196,8 @@ def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = No
                 finally:
                     if not isinstance(handle, str):
                         handle.close()
+                    elif _remote(uri):
+                        os.unlink(handle)  # the downloaded copy
         digest = hashlib.sha256()
         with open(tar_path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -187,11 +223,24 @@ def _run_shard_in_worker(task: ShardTask) -> dict[str, Any]:
     return write_shard(task)
 
 
+def _run_on_ray(
+    todo: list[ShardTask], address: str | None, workers: int, account: Callable[[dict[str, Any]], None]
+) -> None:
+    """write_shard for every task on Ray (a local instance of `workers` CPUs when address is None);
+    account(record) as each completes."""
+    from ingest.ray_executor import ray_session, write_shards
+
+    with ray_session(address, num_cpus=workers) as ray:
+        for record in write_shards(ray, todo):
+            account(record)
+
+
 @dataclass
 class IngestSummary:
     out: str
     sources: int = 0
-    bad_sources: int = 0
+    bad_sources: int = 0  # failed to probe (empty, not a video, unreadable, ...)
+    too_short: int = 0  # probed, but too short for one clip: they yield none (errors.jsonl: too-short)
     clips_planned: int = 0
     shards: int = 0
     shards_skipped: int = 0
@@ -202,7 +251,7 @@ class IngestSummary:
     index_written: bool = False
     num_samples: int = 0  # in the finished data set (all nodes)
     labels: dict[str, Any] = field(default_factory=dict)  # index.json's "labels" (classes, split counts)
-    errors: list[dict[str, str]] = field(default_factory=list, repr=False)
+    errors: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the skipped sources' records
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -228,17 +277,49 @@ def _plan(cfg: IngestConfig, sources: list[Source], progress: bool) -> tuple[lis
     return videos, errors
 
 
+def too_short(videos: list[VideoInfo], spec: ClipSpec) -> list[dict[str, Any]]:
+    """An errors.jsonl record (reason too-short) for each video too short for one clip, which yields none.
+
+    Its counts: source_frames, the probed frame count (the container's, or duration x fps);
+    source_frames_needed, the source frames one clip spans at the spec's frame step; sampled_frames, the
+    frames the source gives at that step, fewer than clip_frames, the frames of a clip.
+    """
+    records = []
+    for v in videos:
+        step = sampling_step(v.fps, spec.fps, spec.frame_stride)
+        needed = clip_span(spec.num_frames, step)
+        if v.frames >= needed:
+            continue
+        got = sampled_frames(v.frames, spec.num_frames, step)
+        sampled = "" if step == 1 else f"; {got} when sampled every {step:.4g}"
+        records.append(
+            {
+                "source": v.uri,
+                "reason": "too-short",
+                "detail": f"{v.frames} source frames (as probed{sampled}): a {spec.num_frames}-frame clip "
+                f"needs {needed}",
+                "source_frames": v.frames,
+                "source_frames_needed": needed,
+                "sampled_frames": got,
+                "clip_frames": spec.num_frames,
+            }
+        )
+    return records
+
+
 def finalize(
-    store: Store, cfg: IngestConfig, plan: str, num_shards: int, probe_errors: list[dict]
+    store: Store, cfg: IngestConfig, plan: str, num_shards: int, source_errors: list[dict]
 ) -> dict | None:
-    """Write errors.jsonl then index.json if every shard of the plan is recorded; -> the index or None."""
+    """Write errors.jsonl then index.json if every shard of the plan is recorded; -> the index or None.
+
+    source_errors: the records of the sources that yield no clip (failed probes, too short)."""
     records = []
     for k in range(num_shards):
         rel = f"{shard_name(k)}.json"
         if not store.exists(rel):
             return None
         records.append(store.read_json(rel))
-    errors = list(probe_errors) + [e for r in records for e in r["errors"]]
+    errors = list(source_errors) + [e for r in records for e in r["errors"]]
     store.write_bytes("errors.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
     spec = cfg.clip
     counts = labels.merge_counts(r.get("counts", {}) for r in records)
@@ -271,8 +352,14 @@ def ingest_clips(
     cfg: IngestConfig,
     progress: bool = True,
     on_progress: Callable[[str, int], None] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> IngestSummary:
-    """Run (or resume) an ingest; see the module docstring. on_progress(metric, amount) feeds metrics."""
+    """Run (or resume) an ingest; see the module docstring. on_progress(metric, amount) feeds metrics.
+
+    executor: "local" (this process, or cfg.workers processes) or "ray" (a Ray task per shard, on the
+    cluster at ray_address, or on a local Ray of cfg.workers CPUs when it is None; ingest.ray_executor).
+    """
     from tqdm import tqdm
 
     cfg.validate()
@@ -290,15 +377,15 @@ def ingest_clips(
     notify("files_bad", len(probe_errors))
     spec = cfg.clip
     clips = plan_clips(videos, spec.num_frames, spec.fps, spec.frame_stride, spec.stride)
+    short = too_short(videos, spec)
+    summary.too_short = len(short)
+    source_errors = sorted(probe_errors + short, key=lambda e: e["source"])  # corpus order: by URI
     per_shard = cfg.shard_clips or max(1, cfg.shard_bytes // estimate_clip_bytes(spec.num_frames, spec.size))
     shards = group_into_shards(clips, per_shard)
     plan = plan_digest(shards, {"spec": asdict(spec), "per_shard": per_shard})
     summary.clips_planned, summary.shards = len(clips), len(shards)
     if not clips:
-        raise IngestError(
-            f"nothing to ingest: {len(videos)} usable of {len(sources)} sources, none long enough for a "
-            f"{spec.num_frames}-frame clip" + (f" (errors: {_reasons(probe_errors)})" if probe_errors else "")
-        )
+        raise IngestError(_nothing_to_ingest(len(sources), short, probe_errors, spec.num_frames))
     if store.exists("index.json"):
         index = store.read_json("index.json")
         if index.get("plan") != plan:
@@ -344,7 +431,11 @@ def ingest_clips(
             raise IngestError(f"{e['source']}: {e['reason']}: {e['detail']} (--strict)")
 
     try:
-        if cfg.workers == 1 or len(todo) <= 1:
+        if executor == "ray" and todo:
+            _run_on_ray(todo, ray_address, cfg.workers, lambda record: account(record, per_clip_done=False))
+            if cfg.num_nodes == 1:
+                store.remove_stale_temporaries("shards")  # left by a worker killed while writing
+        elif cfg.workers == 1 or len(todo) <= 1:
             for task in todo:
                 account(write_shard(task, on_clip), per_clip_done=True)
         else:
@@ -355,17 +446,31 @@ def ingest_clips(
     finally:
         bar.close()
 
-    index = finalize(store, cfg, plan, len(shards), probe_errors)
-    summary.errors = probe_errors
+    index = finalize(store, cfg, plan, len(shards), source_errors)
+    summary.errors = source_errors
     summary.index_written = index is not None
     summary.num_samples = index["num_samples"] if index else 0
     summary.labels = index["labels"] if index else {}
     summary.seconds = round(time.perf_counter() - started, 2)
     if index is not None and index["num_samples"] == 0:
         raise IngestError(
-            f"no clip could be written ({_reasons(probe_errors)}); see {store.uri('errors.jsonl')}"
+            f"no clip could be written ({_reasons(source_errors)}); see {store.uri('errors.jsonl')}"
         )
     return summary
+
+
+def _nothing_to_ingest(num_sources: int, short: list[dict], probe_errors: list[dict], frames: int) -> str:
+    """The one line for a corpus that yields no clip: how many sources are too short, how many unusable."""
+    parts = []
+    if short:
+        longest = max(short, key=lambda e: (e["sampled_frames"], e["source_frames"]))
+        parts.append(
+            f"{len(short)} too short for a {frames}-frame clip (the longest, {longest['source']}, has "
+            f"{longest['source_frames']} source frames; it needs {longest['source_frames_needed']})"
+        )
+    if probe_errors:
+        parts.append(f"{len(probe_errors)} unusable ({_reasons(probe_errors)})")
+    return f"nothing to ingest: of {num_sources} sources, " + "; ".join(parts or ["none is usable"])
 
 
 def _reasons(errors: list[dict]) -> str:

@@ -121,9 +121,10 @@ class LocalS3Server:
         actions = ["Admin", "Read", "Write", "List", "Tagging"]
         with os.fdopen(os.open(identities, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump({"identities": [{"name": "admin", "credentials": [cred], "actions": actions}]}, f)
-        flags = [f"{c}.port{g}" for c in ("master", "volume", "filer", "s3") for g in ("", ".grpc")]
-        ports, admin = _free_ports(len(flags))
-        self.ports = dict(zip(flags, ports)) | {"admin.port": admin, "admin.port.grpc": admin + 10000}
+        if not self.ports:  # a restart keeps its ports: clients reconnect to the same endpoint
+            flags = [f"{c}.port{g}" for c in ("master", "volume", "filer", "s3") for g in ("", ".grpc")]
+            ports, admin = _free_ports(len(flags))
+            self.ports = dict(zip(flags, ports)) | {"admin.port": admin, "admin.port.grpc": admin + 10000}
         cmd = [weed, f"-logdir={self.log_path.parent}", "mini", f"-dir={self.data_dir / 'data'}"]
         cmd += [f"-{flag}={port}" for flag, port in self.ports.items()]
         cmd += [f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.config={identities}", "-master.telemetry=false"]
@@ -131,10 +132,11 @@ class LocalS3Server:
         cmd += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false"]
         return cmd + ([f"-volume.max={self.volume_max}"] if self.volume_max is not None else [])
 
-    def start(self, attempts: int = 3) -> LocalS3Server:
+    def start(self, attempts: int = 5) -> LocalS3Server:
         """Start weed, wait until S3 answers; else LocalS3Error with the log tail (the data dir is kept).
 
-        A process that exits at once (a picked port was taken meanwhile?) is retried on new ports."""
+        A process that exits at once (a picked port was taken meanwhile?) is retried on new ports; after
+        kill() or stop(), start() serves the same data on the same ports (retried there while they free up)."""
         if self.running():
             return self
         weed, run = find_weed(), self.data_dir / "run"  # unix sockets: keep data_dir short (< 90 chars)
@@ -143,6 +145,7 @@ class LocalS3Server:
         # weed reads AWS_* (extra admin keys), S3_* (buckets), WEED_* (config), ./security.toml: not here.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "WEED_"))}
         kw: dict[str, Any] = {"env": env | {"TMPDIR": str(run)}, "cwd": run, "start_new_session": True}
+        restart = bool(self.ports)
         try:
             for _ in range(max(attempts, 1)):
                 cmd = self._command(weed, run)
@@ -150,6 +153,10 @@ class LocalS3Server:
                     proc = self._proc = subprocess.Popen(cmd, stdin=DEVNULL, stdout=log, stderr=STDOUT, **kw)
                 if self._wait_ready(proc):
                     return self
+                if restart:
+                    time.sleep(1.0)  # the old process's ports may still be held for a moment
+                else:
+                    self.ports = {}
             raise LocalS3Error(f"weed mini exited with {proc.returncode} at start; {self.log_tail()}")
         except BaseException:
             self.stop(remove_dirs=False)
@@ -170,6 +177,20 @@ class LocalS3Server:
             time.sleep(0.1)
         return False
 
+    def kill(self) -> None:
+        """SIGKILL the server's process group, as a crash would: data and ports are kept for start()."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        for name in ("master", "volume", "filer", "s3", "admin"):  # weed leaves some of these behind
+            with suppress(OSError, KeyError):
+                os.unlink(f"/tmp/seaweedfs-{name}-grpc-{self.ports[f'{name}.port.grpc']}.sock")
+
     def stop(self, timeout: float = 10.0, *, remove_dirs: bool = True) -> None:
         """SIGTERM the process group, wait up to `timeout` s, then SIGKILL; remove the dirs it made."""
         proc, self._proc = self._proc, None
@@ -182,9 +203,7 @@ class LocalS3Server:
                 with suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout)
-        for name in ("master", "volume", "filer", "s3", "admin"):  # weed leaves some of these behind
-            with suppress(OSError, KeyError):
-                os.unlink(f"/tmp/seaweedfs-{name}-grpc-{self.ports[f'{name}.port.grpc']}.sock")
+        self._remove_sockets()
         if remove_dirs and self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

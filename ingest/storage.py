@@ -3,6 +3,9 @@
 Writes are atomic: a reader sees the old object or the complete new one, never a part. Locally that is
 a temporary name in the same folder and a rename; on object storage a single PUT is already atomic
 (the object appears only when its upload completes).
+
+On object storage every operation is retried through an outage (ingest.retry: backoff with jitter up to a
+deadline, 5 minutes by default); local files fail at once.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ import json
 import os
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from ingest.retry import RetryPolicy, StoreRetry
+
+T = TypeVar("T")
 
 
 def storage_options_from_env(url: str) -> dict[str, Any]:
@@ -28,14 +35,30 @@ def storage_options_from_env(url: str) -> dict[str, Any]:
 
 
 class Store:
-    """A data set root (`url`) and the files below it, addressed by relative paths."""
+    """A data set root (`url`) and the files below it, addressed by relative paths.
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    retry: how operations on a remote store wait out failures (one StoreRetry can be shared by several
+    stores and readers, so that its counters cover them all); default: a StoreRetry of `policy`
+    (RetryPolicy()) for a remote store, none for a local one (a local error is not waited out)."""
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        retry: StoreRetry | None = None,
+        policy: RetryPolicy | None = None,
+    ):
         self.url = url.rstrip("/")
         options = storage_options if storage_options is not None else storage_options_from_env(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         self.storage_options = options
         self.local = isinstance(self.fs, LocalFileSystem)
+        self.retry = retry if retry is not None else None if self.local else StoreRetry(policy)
+
+    def call(self, fn: Callable[[], T], what: str) -> T:
+        """fn(), retried through transient failures of a remote store (see ingest.retry)."""
+        return fn() if self.retry is None else self.retry.call(fn, what)
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -44,13 +67,13 @@ class Store:
         return f"{self.url}/{rel}"
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return self.call(lambda: self.fs.exists(self.path(rel)), f"checking {self.uri(rel)}")
 
     def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
+        return int(self.call(lambda: self.fs.size(self.path(rel)), f"sizing {self.uri(rel)}"))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self.call(lambda: self.fs.cat_file(self.path(rel)), f"reading {self.uri(rel)}")
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -58,7 +81,9 @@ class Store:
     def list(self, rel: str) -> list[str]:
         """Names (not paths) of the files directly in `rel`; empty if it does not exist."""
         try:
-            entries = self.fs.ls(self.path(rel), detail=False)
+            entries = self.call(
+                lambda: self.fs.ls(self.path(rel), detail=False, refresh=True), f"listing {self.uri(rel)}"
+            )
         except FileNotFoundError:
             return []
         return sorted(os.path.basename(str(e).rstrip("/")) for e in entries)
@@ -71,7 +96,7 @@ class Store:
         """Atomically create or replace `rel` with `data`."""
         self._parent(rel)
         if not self.local:
-            self.fs.pipe_file(self.path(rel), data)
+            self.call(lambda: self.fs.pipe_file(self.path(rel), data), f"writing {self.uri(rel)}")
             return
 
         def fill(tmp: str) -> None:
@@ -89,7 +114,7 @@ class Store:
         """Atomically upload (or move into place) a finished local file."""
         self._parent(rel)
         if not self.local:
-            self.fs.put_file(local_path, self.path(rel))
+            self.call(lambda: self.fs.put_file(local_path, self.path(rel)), f"uploading {self.uri(rel)}")
             return
 
         def fill(tmp: str) -> None:

@@ -3,7 +3,7 @@
 Layout under DATASET/tokens/<tokenizer-id>/ (a Zarr v3 group, local or s3:// through fsspec):
   codes      [N, T', H', W'] int16 (int32 if the codebook has more than 32768 codes), fill -1
   priority   [N, T', H', W'] float32 scorer logits (higher: more important), fill 0
-  keys       [N] variable-length UTF-8 strings (the sample KEY), fill ""
+  keys       [N, L] uint8: the sample KEY in UTF-8, zero-padded to L = `key_bytes` bytes (an attribute), fill 0
   valid      [N] bool, fill False: True where the row holds a tokenized clip
   _done/shard-NNNNNN.json   a clip shard's commit marker {shard, plan, samples, errors}
   errors.jsonl              every skipped sample {key, shard, reason, detail}
@@ -14,20 +14,25 @@ chunked one sample per chunk and sharded S samples per Zarr shard; keys and vali
 So each clip shard owns exactly one object of each array and is written (or rewritten, on resume) alone.
 The group attributes describe the tokenizer and the layout; `complete: true` is written last.
 
-Format 2 stores priorities as float32 logits. Format 1 stored sigmoid scores in float16, which rounds
-every saturated score to the same value (and top-k then breaks the ties by index): it is refused, with
-a message to rebuild.
+Every array has a data type of the Zarr v3 core spec, so any Zarr v3 implementation reads the store
+(tensorstore included; the attributes are plain JSON in zarr.json). Read keys with `decode_keys`.
+
+Format 3 stores keys as zero-padded UTF-8 bytes. Format 2 stored them in zarr-python's variable-length
+string type, which is not in the Zarr v3 core spec (tensorstore refuses it); format 1 also stored sigmoid
+scores in float16, which rounds every saturated score to the same value (and top-k then breaks the ties by
+index). Both are refused, with a message to rebuild.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import re
-import tarfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +40,11 @@ import numpy as np
 import torch
 
 from ingest.decode import CorruptClip, decode_clip, to_model_input
+from ingest.samples import Sample, tar_samples
 from ingest.storage import Store
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+KEY_BYTES = 32  # a sample KEY (ingest.plan.sample_key) is 26 bytes: 16 hex digits, "_", 9 digits
 _SHARD = re.compile(r"(?:^|/)shard-(\d+)\.tar$")
 _LAYOUT_KEYS = ("format_version", "tokenizer_id", "source_plan", "rows_per_shard", "num_rows", "grid")
 
@@ -103,28 +110,29 @@ def _check_geometry(video: Any, spec: dict[str, Any], tokenizer_dir: str, datase
         )
 
 
-def _tar_samples(fileobj: Any):
-    """(key, {extension: bytes}) per sample in tar order (webdataset grouping: consecutive, same key).
-    A damaged tar (truncated, garbled) ends the stream with ("", {"_error": detail})."""
-    key, parts = None, {}
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                if k != key:
-                    if key is not None:
-                        yield key, parts
-                    key, parts = k, {}
-                parts[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    except (tarfile.TarError, EOFError) as err:
-        if parts:
-            yield key, parts  # the parts it has were read whole
-        yield "", {"_error": f"{type(err).__name__}: {err}"}
-        return
-    if key is not None:
-        yield key, parts
+def _tar_samples(fileobj: Any) -> Iterator[Sample]:
+    """(key, {extension: bytes}) per sample in tar order (ingest.samples.tar_samples). A damaged tar
+    (truncated, garbled) gives the parts of its last sample read whole, then ("", {"_error": detail})."""
+    return tar_samples(fileobj, report_damage=True)
+
+
+def encode_keys(keys: list[str], width: int = KEY_BYTES) -> np.ndarray:
+    """Sample keys -> rows of the `keys` array: [len(keys), width] uint8, UTF-8 zero-padded ("" -> zeros)."""
+    data = [k.encode("utf-8") for k in keys]
+    for key, raw in zip(keys, data):
+        if len(raw) > width or b"\0" in raw:
+            raise TokensError(
+                f"sample key {key!r} is {len(raw)} bytes in UTF-8"
+                + (" with a NUL byte" if b"\0" in raw else "")
+                + f": a token store holds keys of up to {width} bytes and no NUL (ingest clips writes 26)"
+            )
+    return np.array(data, dtype=f"S{width}").view(np.uint8).reshape(len(keys), width)
+
+
+def decode_keys(rows: np.ndarray) -> list[str]:
+    """Rows of the `keys` array ([n, L] uint8, zero-padded UTF-8) -> the sample keys ("" for an empty row)."""
+    packed = np.ascontiguousarray(rows, dtype=np.uint8).view(f"S{rows.shape[-1]}").reshape(len(rows))
+    return [raw.decode("utf-8") for raw in packed.tolist()]  # numpy drops the padding: trailing zeros
 
 
 def _decode_sample(key: str, parts: dict[str, bytes], ext: str, frames: int, size: int):
@@ -179,12 +187,50 @@ class _Run:
     workers: int
     strict: bool
 
+    @classmethod
+    def in_worker(
+        cls,
+        dataset_url: str,
+        storage_options: dict[str, Any] | None,
+        model: Any,
+        attrs: dict[str, Any],
+        code_dtype: str,
+        batch_size: int,
+        workers: int,
+        strict: bool,
+        device: str,
+    ) -> _Run:
+        """The run of a worker process (a Ray actor): its own store and group, the model moved to
+        `device`, no progress bar (the driver counts finished shards)."""
+        from tqdm import tqdm
+
+        store = Store(dataset_url, storage_options)
+        group = open_tokens(store, f"tokens/{attrs['tokenizer_id']}", read_only=False)
+        model, bar = model.to(device), tqdm(disable=True)
+        return cls(store, group, model, attrs, device, code_dtype, bar, batch_size, workers, strict)
+
     def decode(self, pos: int, key: str, parts: dict[str, bytes]):
         spec = self.attrs["clip_spec"]
         return _decode_sample(key, parts, spec.get("extension", "webm"), spec["num_frames"], spec["size"])
 
     def shard(self, k: int, name: str) -> dict[str, Any]:
-        """Tokenize clip shard `name` (number k), write its rows (one write per array), then its marker."""
+        """Tokenize clip shard `name` (number k), write its rows (one write per array), then its marker.
+        A store failure part way (reading the shard, writing an array) is waited out and the shard done
+        again from its start (ingest.retry): its rows are rewritten whole, its marker comes last."""
+        shown = [0]  # progress shown by this shard's attempt, taken back when it starts again
+
+        def tick(n: int) -> None:
+            shown[0] += n
+            self.bar.update(n)
+
+        def attempt() -> dict[str, Any]:
+            self.bar.update(-shown[0])
+            shown[0] = 0
+            return self._shard(k, name, tick)
+
+        return self.store.call(attempt, f"tokenizing {self.store.uri(name)}")
+
+    def _shard(self, k: int, name: str, tick: Callable[[int], None]) -> dict[str, Any]:
         s, grid, store = self.attrs["rows_per_shard"], self.attrs["grid"], self.store
         codes = np.full((s, *grid), -1, dtype=self.code_dtype)
         priority = np.zeros((s, *grid), dtype=np.float32)
@@ -204,7 +250,7 @@ class _Run:
                 codes[rows] = c.cpu().numpy().astype(codes.dtype)
                 priority[rows] = p.float().cpu().numpy()
                 valid[rows] = True
-                self.bar.update(len(batch))
+                tick(len(batch))
                 batch.clear()
 
         with store.fs.open(store.path(name), "rb") as f, cf.ThreadPoolExecutor(self.workers) as pool:
@@ -231,11 +277,15 @@ class _Run:
                 errors += [
                     {"key": x or None, "shard": name, "reason": result[0], "detail": result[1]} for x in lost
                 ]
-                self.bar.update(len(lost))
+                tick(len(lost))
             flush()
         rows = slice(k * s, (k + 1) * s)  # exactly one Zarr shard (or chunk) of each array
-        for array, values in (("codes", codes), ("priority", priority), ("keys", keys), ("valid", valid)):
-            self.group[array][rows] = np.array(values, dtype=object) if array == "keys" else values
+        try:
+            key_rows = encode_keys(keys)
+        except TokensError as err:
+            raise TokensError(f"{store.uri(name)}: {err}") from None
+        for array, values in (("codes", codes), ("priority", priority), ("keys", key_rows), ("valid", valid)):
+            self.group[array][rows] = values
         plan, n_ok = self.attrs["source_plan"], int(valid.sum())
         record = {"shard": name, "plan": plan, "samples": n_ok, "errors": errors}
         marker = f"tokens/{self.attrs['tokenizer_id']}/_done/shard-{k:06d}.json"
@@ -250,14 +300,22 @@ def _unread_keys(store: Store, name: str, seen: list[str], pos: int) -> list[str
     return keys[pos : len(seen)] if keys[:pos] == seen[:pos] and len(keys) > pos else [""]
 
 
+_OLD_FORMATS = {
+    1: "format 1 rounded priorities to float16, which ties saturated scores: delete it and run lvmae ingest "
+    "tokens again with a tokenizer trained by this version",
+    2: "format 2 stored keys in zarr-python's variable-length strings, which other Zarr v3 readers such as "
+    "tensorstore refuse: delete it and run lvmae ingest tokens again (its tokenizer will do)",
+}
+
+
 def check_format(attrs: dict[str, Any], url: str) -> None:
     """Raise TokensError unless a token store's attributes (empty: a new store) are of FORMAT_VERSION."""
     version = attrs.get("format_version", FORMAT_VERSION) if attrs else FORMAT_VERSION
     if version != FORMAT_VERSION:
+        why = _OLD_FORMATS.get(version, "delete it and run lvmae ingest tokens again")
         raise TokensError(
             f"{url} is a token store of format {version}; this lvmae reads format {FORMAT_VERSION} "
-            "(float32 priority logits; format 1 rounded priorities to float16, which ties saturated "
-            "scores): delete it and run lvmae ingest tokens again with a tokenizer trained by this version"
+            f"(float32 priority logits, keys as zero-padded UTF-8 bytes; {why})"
         )
 
 
@@ -265,19 +323,20 @@ def _prepare(group: Any, attrs: dict[str, Any], code_dtype: str, url: str) -> No
     """Create the arrays and attributes, or check that an existing store has the same layout."""
     old = dict(group.attrs)
     check_format(old, url)
-    differ = [k for k in _LAYOUT_KEYS if old and old.get(k) != attrs[k]]
+    layout = {**attrs, "key_bytes": KEY_BYTES}
+    differ = [k for k in (*_LAYOUT_KEYS, "key_bytes") if old and old.get(k) != layout[k]]
     if differ:
         raise TokensError(
             f"{url} holds tokens of another data set or layout ({', '.join(differ)} differ): delete it to rebuild"
         )
     if not old:
-        group.attrs.update({**attrs, "complete": False})
+        group.attrs.update({**layout, "complete": False})
     n, s, grid = attrs["num_rows"], attrs["rows_per_shard"], attrs["grid"]
     per_sample = dict(shape=(n, *grid), chunks=(1, *grid), shards=(s, *grid))
     specs = {
         "codes": dict(per_sample, dtype=code_dtype, fill_value=-1),
         "priority": dict(per_sample, dtype="float32", fill_value=0),
-        "keys": dict(shape=(n,), chunks=(s,), dtype=str, fill_value=""),
+        "keys": dict(shape=(n, KEY_BYTES), chunks=(s, KEY_BYTES), dtype="uint8", fill_value=0),
         "valid": dict(shape=(n,), chunks=(s,), dtype=bool, fill_value=False),
     }
     for name, spec in specs.items():
@@ -294,10 +353,14 @@ def ingest_tokens(
     progress: bool = True,
     workers: int = 1,
     strict: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> TokensSummary:
     """Tokenize (or finish tokenizing) every clip of a data set; see the module docstring.
 
     workers: threads decoding clips ahead of the tokenizer. strict: fail on the first bad sample.
+    executor: "local" (this process) or "ray" (Ray actors holding the tokenizer, a clip shard at a time,
+    on the cluster at ray_address or on a local Ray when it is None; ingest.ray_executor).
     """
     from tqdm import tqdm
 
@@ -315,7 +378,8 @@ def ingest_tokens(
     shards = sorted((_shard_number(s["name"]), s["name"], s["samples"]) for s in index["shards"])
     if not shards or max(s[2] for s in shards) == 0:
         raise TokensError(f"{store.url} holds no samples")
-    dev = _device(device)
+    on_ray = executor == "ray"
+    dev = "cpu" if on_ray else _device(device)  # on Ray the actors pick theirs; this copy is shipped
     try:
         model = load_tokenizer(tokenizer_dir, device=dev)
     except ValueError as err:
@@ -351,13 +415,21 @@ def ingest_tokens(
     if todo and group.attrs.get("complete"):
         group.attrs["complete"] = False  # being changed: not complete until every shard is done again
     bar = tqdm(total=sum(n for _, _, n in todo), desc="tokens", unit="clip", disable=not progress)
-    run = _Run(store, group, model, attrs, dev, code_dtype, bar, batch_size, workers, strict)
+
+    def account(record: dict[str, Any]) -> None:
+        summary.clips += record["samples"]
+        summary.skipped += len(record["errors"])
+        summary.errors += record["errors"]
+
     try:
-        for k, name, _ in todo:
-            record = run.shard(k, name)
-            summary.clips += record["samples"]
-            summary.skipped += len(record["errors"])
-            summary.errors += record["errors"]
+        if on_ray and todo:
+            settings = (code_dtype, batch_size, workers, strict)
+            make = functools.partial(_Run.in_worker, dataset_url, storage_options, model, attrs, *settings)
+            summary.device = _run_on_ray(make, todo, device, ray_address, account, bar)
+        else:
+            run = _Run(store, group, model, attrs, dev, code_dtype, bar, batch_size, workers, strict)
+            for k, name, _ in todo:
+                account(run.shard(k, name))
     finally:
         bar.close()
 
@@ -373,3 +445,24 @@ def ingest_tokens(
     summary.num_valid = int(group.attrs["num_samples"])
     summary.seconds = round(time.perf_counter() - started, 2)
     return summary
+
+
+def _run_on_ray(
+    make_runner: Callable[[str], _Run],
+    todo: list[tuple[int, str, int]],
+    device: str,
+    address: str | None,
+    account: Callable[[dict[str, Any]], None],
+    bar: Any,
+) -> str:
+    """Tokenize the `todo` shards on Ray actors; account(record) and advance the bar as each completes.
+    -> what ran them (device, actors), for the summary."""
+    from ingest.ray_executor import ray_session, tokenize_shards
+
+    with ray_session(address) as ray:
+        shards = [(k, name) for k, name, _ in todo]
+        ran_on, records = tokenize_shards(ray, make_runner, shards, device, torch.get_num_threads())
+        for record in records:
+            account(record)
+            bar.update(record["samples"] + len(record["errors"]))
+    return ran_on

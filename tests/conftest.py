@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from labelled_data import colour_data
 from s3_fixtures import s3_bucket, s3_server
-from train_data import train_data
+from train_data import train_data, uninterrupted
 
 from ingest.frames import load_clip
 from ingest.samples import sample_videos as _sample_videos
 
-__all__ = ["colour_data", "load_clip", "s3_bucket", "s3_server", "train_data"]
+__all__ = ["colour_data", "load_clip", "s3_bucket", "s3_server", "train_data", "uninterrupted"]
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,10 @@ def cfg(frames=32, size=64, **kw):
     return IngestConfig(clip=ClipSpec(num_frames=frames, size=size, **clip), **kw)
 
 
+def shard_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.json"))]
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -141,17 +145,22 @@ def test_bad_files_are_skipped_and_reported(tmp_path, sample_videos):
     cmd += ["--frames", "16", "--size", "32", "--shard-clips", "4", "--quiet"]
     run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
-    errors = {
-        Path(e["source"]).name: e["reason"]
-        for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())
-    }
+    lines = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    records = {Path(e["source"]).name: e for e in lines}
+    errors = {name: e["reason"] for name, e in records.items()}
     assert errors["empty.mp4"] == "empty"
     assert errors["notes.mp4"] == "not-a-video"
     assert errors["audio.mp4"] == "no-video-stream"
     assert errors["missing.mp4"] == "unreadable"
     assert errors["truncated.mkv"] in ("truncated", "undecodable")
-    assert "short.mp4" not in errors  # too short for a clip: it yields none, and says so in the summary
+    assert errors["short.mp4"] == "too-short"  # 10 frames: no 16-frame clip; reported, not a bad file
+    assert {k: records["short.mp4"][k] for k in ("source_frames", "source_frames_needed")} == {
+        "source_frames": 10,
+        "source_frames_needed": 16,
+    }
     index = json.loads((out / "index.json").read_text())
+    # the 5 sources that yield no clip (4 bad, 1 too short), then the clips truncated.mkv could not complete
+    assert index["num_errors"] == len(lines) == 5 + sum(len(sh["errors"]) for sh in shard_records(out))
     # good.mp4 (120 frames) gives 7 clips; the first half of truncated.mkv still gives its clips.
     assert index["num_samples"] >= 7
     labels = [
@@ -160,7 +169,8 @@ def test_bad_files_are_skipped_and_reported(tmp_path, sample_videos):
         for s in wds.WebDataset(str(out / sh["name"]), shardshuffle=False)
     ]
     assert labels.count("phone") == 7
-    assert "skipped" in run.stdout and "empty" in run.stdout
+    assert "skipped" in run.stdout and "empty" in run.stdout and "1 too short for a clip" in run.stdout
+    assert "short.mp4: too-short: 10 source frames (as probed): a 16-frame clip needs 16" in run.stdout
 
     strict_cmd = [*cmd[:7], "--out", str(tmp_path / "strict"), *cmd[9:], "--strict"]
     strict = subprocess.run(strict_cmd, capture_output=True, text=True, check=False)
@@ -183,7 +193,41 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert run.returncode == 2 and "nothing to ingest" in run.stderr and "Traceback" not in run.stderr
+    assert "1 too short for a 128-frame clip" in run.stderr and "1 unusable (1 empty)" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "ds" / "index.json").exists()
+
+
+def test_too_short_sources_are_reported_and_change_no_clip(tmp_path):
+    # Every 2nd frame of 16: a clip spans 31 source frames. 70 frames give 2 clips; 20 frames give 10 of the
+    # 16 a clip takes, so none: the source is listed in errors.jsonl, counted, and the plan and clips stay
+    # exactly those of the corpus without it.
+    long = write_ramp_video(tmp_path / "long.mp4", 70, size=(32, 32))
+    short = write_ramp_video(tmp_path / "short.mp4", 20, size=(32, 32))
+    spec = dict(frames=16, size=32, frame_stride=2, shard_clips=4)
+    alone = ingest_clips([str(long)], str(tmp_path / "alone"), cfg(**spec), progress=False)
+    summary = ingest_clips([str(long), str(short)], str(tmp_path / "ds"), cfg(**spec), progress=False)
+    assert (alone.too_short, summary.too_short, summary.bad_sources, summary.num_samples) == (0, 1, 0, 2)
+
+    record = {
+        "source": str(short.resolve()),
+        "reason": "too-short",
+        "detail": "20 source frames (as probed; 10 when sampled every 2): a 16-frame clip needs 31",
+        "source_frames": 20,
+        "source_frames_needed": 31,
+        "sampled_frames": 10,
+        "clip_frames": 16,
+    }
+    assert summary.errors == [record]
+    out = tmp_path / "ds"
+    assert [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()] == [record]
+    index, before = (json.loads((d / "index.json").read_text()) for d in (out, tmp_path / "alone"))
+    assert (index["num_errors"], before["num_errors"], index["plan"]) == (1, 0, before["plan"])
+    assert {k: v for k, v in index.items() if k != "num_errors"} == {
+        k: v for k, v in before.items() if k != "num_errors"
+    }
+    shards = tree_bytes(out / "shards")
+    assert shards == tree_bytes(tmp_path / "alone" / "shards") and len(shards) == 2  # one tar, one record
 
 
 def test_workers_and_nodes_give_the_same_data_set(sample_dir, sample_dataset, tmp_path):

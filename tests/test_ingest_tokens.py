@@ -23,7 +23,7 @@ from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
 from ingest.decode import decode_clip, to_model_input
 from ingest.storage import Store
-from ingest.tokens import TokensError, ingest_tokens
+from ingest.tokens import KEY_BYTES, TokensError, decode_keys, encode_keys, ingest_tokens
 from lvmae.cli import main as lvmae_main
 from lvmae.config import TokenizerConfig, VideoSpec
 from lvmae.tokenizer import Tokenizer, save_tokenizer
@@ -54,8 +54,11 @@ def tree_state(root: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def read_store(root: Path, tid: str) -> tuple[dict[str, np.ndarray], dict, zarr.Group]:
+    """The arrays (keys decoded to strings), the attributes and the group."""
     group = zarr.open_group(str(root / "tokens" / tid), mode="r", zarr_format=3)
-    return {name: group[name][:] for name in ARRAYS}, dict(group.attrs), group
+    arrays = {name: group[name][:] for name in ARRAYS}
+    arrays["keys"] = np.array(decode_keys(arrays["keys"]))
+    return arrays, dict(group.attrs), group
 
 
 def tar_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
@@ -104,14 +107,16 @@ def test_tokens_equal_the_tokenizer_on_decoded_clips(tokenized, tokenizer):
     assert summary.complete and summary.num_valid == 14 and summary.tokenizer_id == tid
     arrays, attrs, group = read_store(root, tid)
     index = json.loads((root / "index.json").read_text())
-    assert attrs["complete"] is True and attrs["format_version"] == 2 and attrs["tokenizer_id"] == tid
+    assert attrs["complete"] is True and attrs["format_version"] == 3 and attrs["tokenizer_id"] == tid
     assert (attrs["quantizer"], attrs["fsq_levels"], attrs["codebook_size"]) == ("fsq", [8, 5, 5], 200)
     assert attrs["grid"] == list(GRID) and attrs["rows_per_shard"] == PER_SHARD and attrs["num_rows"] == 15
     assert attrs["source_plan"] == index["plan"] and (attrs["num_samples"], attrs["num_errors"]) == (14, 0)
     codes, prio = group["codes"], group["priority"]
     assert codes.dtype == np.int16 and prio.dtype == np.float32 and codes.shape == prio.shape == (15, *GRID)
     assert codes.chunks == prio.chunks == (1, *GRID) and codes.shards == prio.shards == (PER_SHARD, *GRID)
-    assert group["valid"].dtype == np.bool_ and group["keys"].shape == (15,)
+    assert group["valid"].dtype == np.bool_ and group["keys"].shape == (15, KEY_BYTES) == (15, 32)
+    assert group["keys"].dtype == np.uint8 and group["keys"].chunks == (PER_SHARD, 32)
+    assert attrs["key_bytes"] == 32
     assert (root / "tokens" / tid / "errors.jsonl").read_text() == ""
 
     checked = 0
@@ -135,19 +140,65 @@ def test_tokens_equal_the_tokenizer_on_decoded_clips(tokenized, tokenizer):
     assert checked == 14
 
 
-def test_a_token_store_of_the_old_format_is_refused(tokenized, tokenizer, tmp_path):
-    # Format 1 stored float16 sigmoid scores, which tie once saturated: neither ingest (resuming into it)
-    # nor the loader may use it, and both say what to do.
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_token_store_of_an_old_format_is_refused(tokenized, tokenizer, tmp_path, version):
+    # Format 1 stored float16 sigmoid scores, which tie once saturated; format 2 stored keys in zarr-python's
+    # variable-length strings, which other Zarr v3 readers refuse: neither ingest (resuming into it) nor the
+    # loader may use them, and both say what to do.
     from train.loader import ClipLoader, LoaderError
 
     root = tmp_path / "ds"
     shutil.copytree(tokenized[0], root)
     group = zarr.open_group(str(root / "tokens" / tokenizer[2]), mode="a", zarr_format=3)
-    group.attrs["format_version"] = 1
-    with pytest.raises(TokensError, match=r"format 1.*delete it and run lvmae ingest tokens again"):
+    group.attrs["format_version"] = version
+    why = {1: "float16", 2: "variable-length strings"}[version]
+    with pytest.raises(
+        TokensError, match=rf"format {version};.*{why}.*delete it and run lvmae ingest tokens again"
+    ):
         ingest_tokens(str(root), str(tokenizer[0]), device="cpu", progress=False)
-    with pytest.raises(LoaderError, match="format 1"):
+    with pytest.raises(LoaderError, match=rf"format {version};.*reads format 3"):
         ClipLoader(str(root), 2, tokens=tokenizer[2], decoder="pyav")
+
+
+def test_keys_are_zero_padded_utf8_bytes():
+    keys = ["0123456789abcdef_000000016", "", "é" * 16]
+    rows = encode_keys(keys)
+    assert rows.dtype == np.uint8 and rows.shape == (3, KEY_BYTES)
+    assert bytes(rows[0]) == keys[0].encode() + bytes(KEY_BYTES - 26) and not rows[1].any()
+    assert decode_keys(rows) == keys and decode_keys(encode_keys([])) == []
+    with pytest.raises(TokensError, match=r"'x{33}' is 33 bytes in UTF-8: .*up to 32 bytes"):
+        encode_keys(["x" * 33])
+    with pytest.raises(TokensError, match="NUL"):
+        encode_keys(["a\0b"])
+
+
+def test_the_store_reads_in_tensorstore_bit_for_bit(tokenized, tokenizer):
+    # Every array of the store in a second Zarr v3 implementation: only core-spec data types, so tensorstore
+    # reads what zarr-python reads, byte for byte; the attributes are plain JSON.
+    ts = pytest.importorskip("tensorstore")
+    root = tokenized[0] / "tokens" / tokenizer[2]
+    group = zarr.open_group(str(root), mode="r", zarr_format=3)
+    meta = {p.parent.relative_to(root).as_posix(): json.loads(p.read_text()) for p in root.rglob("zarr.json")}
+    assert meta["."]["node_type"] == "group" and meta["."]["attributes"] == dict(group.attrs)
+    arrays = sorted(name for name, m in meta.items() if m["node_type"] == "array")
+    assert arrays == sorted(ARRAYS)
+    theirs = {}
+    for name in arrays:
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / name)}}
+        theirs[name] = ts.open(spec, read=True).result().read().result()
+        ours = group[name][:]
+        assert theirs[name].dtype == ours.dtype and theirs[name].shape == ours.shape, name
+        assert theirs[name].tobytes() == ours.tobytes(), name
+    assert {name: meta[name]["data_type"] for name in arrays} == {
+        "codes": "int16",
+        "priority": "float32",
+        "keys": "uint8",
+        "valid": "bool",
+    }
+    records = [json.loads(p.read_text()) for p in sorted((tokenized[0] / "shards").glob("*.json"))]
+    keys = decode_keys(theirs["keys"])
+    assert [k for k in keys if k] == [k for r in records for k in r["keys"]]
+    assert [bool(k) for k in keys] == theirs["valid"].tolist()
 
 
 def test_resume_recomputes_only_missing_shards_and_a_rerun_is_a_no_op(tokenized, tokenizer, tmp_path):
@@ -157,7 +208,7 @@ def test_resume_recomputes_only_missing_shards_and_a_rerun_is_a_no_op(tokenized,
     shutil.copytree(src, root)
     before, _, _ = read_store(root, tid)
     store = root / "tokens" / tid
-    untouched = {p: (store / p).read_bytes() for p in ("codes/c/0/0/0/0", "priority/c/2/0/0/0", "keys/c/0")}
+    untouched = {p: (store / p).read_bytes() for p in ("codes/c/0/0/0/0", "priority/c/2/0/0/0", "keys/c/0/0")}
 
     (store / "_done" / "shard-000001.json").unlink()
     group = zarr.open_group(str(store), mode="a", zarr_format=3)
@@ -286,7 +337,7 @@ def test_object_storage_gives_the_same_store(s3_bucket, sample_videos, tokenized
         np.testing.assert_array_equal(group[name][:], good[name])
     # Batch size 8 here, 3 there: float32 logits agree to rounding.
     np.testing.assert_allclose(group["priority"][:], good["priority"], rtol=1e-5, atol=1e-6)
-    assert len(set(group["keys"][:][good["valid"]])) == 14
+    assert len(set(np.array(decode_keys(group["keys"][:]))[good["valid"]])) == 14
     Store(f"{url}/ds", options).fs.rm_file(f"{summary.store.removeprefix('s3://')}/_done/shard-000002.json")
     again = ingest_tokens(f"{url}/ds", str(tok_dir), device="cpu", storage_options=options, progress=False)
     assert (again.clips, again.shards_skipped, again.complete) == (4, 2, True)

@@ -3,6 +3,12 @@ sample videos, with the token store of a freshly initialised tokenizer (8 px pat
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +19,10 @@ from ingest.config import ClipSpec, IngestConfig
 from ingest.tokens import ingest_tokens
 from lvmae.config import TokenizerConfig, VideoSpec
 from lvmae.tokenizer import Tokenizer, save_tokenizer
+from train.trainer import read_log
 
 REPO = Path(__file__).resolve().parents[1]
+LVMAE = [sys.executable, "-m", "lvmae.cli"]
 VIDEO = ["model.video.num_frames=8", "model.video.img_size=32", "model.video.patch_size=8"]
 
 
@@ -61,3 +69,81 @@ def tiny_mae_args(data: tuple[Path, str], out: Path, *extra: str) -> list[str]:
         f"run.out={out}",
         *extra,
     ]
+
+
+# ---- running `lvmae launch` in tests ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mae_args(data: tuple[Path, str], out: Path, *extra: str) -> list[str]:
+    return tiny_mae_args(data, out, "run.steps=12", "run.checkpoint_every=4", *extra)
+
+
+def launch(args: list[str], launcher: str = "deepspeed", **kw) -> subprocess.Popen:
+    cmd = [
+        *LVMAE,
+        "launch",
+        f"--launcher={launcher}",
+        "--nproc=2",
+        f"--master-port={free_port()}",
+        "--",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the launcher's ranks run in sessions of their own: a group kill misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_9_all(proc: subprocess.Popen) -> None:
+    """kill -9 of a whole run: the launcher and every rank, at once."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def losses(out: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["lr"]) for r in read_log(out / "train_log.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(train_data, tmp_path_factory) -> Path:
+    """The reference run: 12 steps on 2 ranks, checkpoints every 4, never interrupted (shared by the
+    resume, outage and remote-run tests, which must reproduce its losses)."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    finish(launch(mae_args(train_data, out)))
+    return out

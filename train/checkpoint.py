@@ -13,6 +13,19 @@ Layout under RUN/checkpoints/ (a local or shared filesystem that every rank sees
 A save writes everything into .tmp-step-N, meets every rank at a barrier, and only then does rank 0
 rename the folder to step-N, point `latest` at it and delete checkpoints beyond the last K. A run killed
 in the middle of a save leaves a .tmp- folder and the previous checkpoint and `latest` untouched.
+
+On object storage (run.out a URL: `StoredCheckpoints`, train.rundir) the same layout lives on the store,
+with each node's stage folder as the local copy. Object stores cannot rename, so a save uploads straight
+into step-N/ and meta.json is the commit:
+
+    1. every rank saves into STAGE/checkpoints/step-N/; rank 0 deletes any step-N/ on the store  barrier
+    2. every rank uploads the files it wrote (its ZeRO shards and rank-K.json; rank 0 also those
+       without a rank in their name)                                                            barrier
+    3. rank 0 uploads the run files (train_log.jsonl), config.yaml, then meta.json, then `latest`, then
+       prunes: old steps lose meta.json first, then the rest                                    barrier
+
+A step-N/ without meta.json is an upload that a kill interrupted: never resumed from, and deleted at the
+next start. A resume fetches only what its rank reads: the files of its own rank and those of none.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +45,16 @@ import numpy as np
 import torch
 
 from lvmae.weights import write_text_atomically
+from train.rundir import RunDir
 
 LATEST = "latest"
 META = "meta.json"
 _STEP = re.compile(r"^step-(\d{8})$")
+# Whose file it is, by name: DeepSpeed's per-rank files ((bf16_)zero_pp_rank_R_..., ZeRO shards and optimizer
+# partitions) and ours (rank-RRRRR.json). Files without a rank (meta.json, config.yaml, below ZeRO-3
+# mp_rank_00_model_states.pt) are written by rank 0 and read by every rank.
+_OWNER = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_|^rank-(\d{5})\.json$")
+STALL_ENV = "LVMAE_TEST_STALL_UPLOAD"  # tests only: "N" halts every rank after its first upload of step N
 
 
 class CheckpointError(Exception):
@@ -43,6 +63,12 @@ class CheckpointError(Exception):
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def file_owner(name: str) -> int | None:
+    """The rank a checkpoint file belongs to (by its name), or None for the files of no rank."""
+    m = _OWNER.search(name)
+    return None if m is None else int(m.group(1) or m.group(2))
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -82,6 +108,19 @@ class Checkpoints:
     def __init__(self, directory: str | os.PathLike[str], rank: int, world_size: int, keep_last: int):
         self.dir = Path(directory)
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        self.location = str(self.dir)  # where the checkpoints live, for messages
+        self.upload_seconds = 0.0  # of the last save (only a run on object storage uploads)
+
+    def where(self, path: Path) -> str:
+        """A checkpoint's address for messages: here its path."""
+        return str(path)
+
+    def named(self, resume: str) -> Path:
+        """--resume PATH: the checkpoint folder it names."""
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+        return path
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints here, oldest first."""
@@ -111,8 +150,16 @@ class Checkpoints:
                 p.unlink(missing_ok=True)
         return [p.name for p in stale]
 
-    def save(self, engine: Any, step: int, rank_state: dict[str, Any], config_yaml: str) -> Path:
-        """Collective (every rank calls it). -> the new checkpoint's folder."""
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        rank_state: dict[str, Any],
+        config_yaml: str,
+        run_files: Sequence[str] = (),
+    ) -> Path:
+        """Collective (every rank calls it). -> the new checkpoint's folder. `run_files` (paths relative to
+        the run folder, e.g. the log) matter only to StoredCheckpoints, which uploads them with the save."""
         import torch.distributed as dist
 
         name = step_name(step)
@@ -166,6 +213,169 @@ class Checkpoints:
         state = json.loads(rank_file.read_text())
         set_rng_state(state.pop("rng"))
         return int(meta["step"]), state
+
+
+class StoredCheckpoints(Checkpoints):
+    """RUN/checkpoints of a run on object storage, seen from one rank: the store holds the checkpoints,
+    `dir` (STAGE/checkpoints) this node's local copies (see the module docstring for the commit order)."""
+
+    def __init__(self, run: RunDir, rank: int, world_size: int, keep_last: int):
+        if run.store is None:
+            raise ValueError("StoredCheckpoints needs a run on object storage")
+        super().__init__(run.local / "checkpoints", rank, world_size, keep_last)
+        self.run, self.store = run, run.store
+        self.location = run.uri("checkpoints")
+
+    def where(self, path: Path) -> str:
+        return self.run.where(path)
+
+    def _complete(self, name: str) -> bool:
+        return self.run.exists(f"checkpoints/{name}/{META}")
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints on the store (those with meta.json), oldest first."""
+        store, pattern = self.store, self.store.path(f"checkpoints/step-*/{META}")
+        store.fs.invalidate_cache()
+        found = store.call(lambda: store.fs.glob(pattern), f"listing {self.location}")
+        names = (_STEP.match(str(p).rstrip("/").split("/")[-2]) for p in found)
+        return sorted(int(m.group(1)) for m in names if m)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint on the store (as `latest` names it, else the newest with its
+        meta.json), as the local folder it is fetched into."""
+        try:
+            name = self.store.read_bytes(f"checkpoints/{LATEST}").decode().strip()
+        except FileNotFoundError:
+            name = ""
+        except Exception as err:  # the run's first touch of the store: say what to check, in one line
+            raise CheckpointError(
+                f"cannot read {self.location} ({type(err).__name__}: {err}): check the endpoint "
+                "(AWS_ENDPOINT_URL) and the keys (AWS_ACCESS_KEY_ID... or ~/.aws)"
+            ) from None
+        if name and self._complete(name):
+            return self.dir / name
+        steps = self.steps()
+        return self.dir / step_name(steps[-1]) if steps else None
+
+    def named(self, resume: str) -> Path:
+        """--resume URL: one of this run's checkpoints on the store (RUN/checkpoints/step-N)."""
+        prefix = self.location + "/"
+        name = resume.rstrip("/")[len(prefix) :] if resume.startswith(prefix) else ""
+        if not _STEP.match(name) or not self._complete(name):
+            raise CheckpointError(
+                f"--resume {resume}: not a complete checkpoint of this run (give {prefix}step-N, or auto)"
+            )
+        return self.dir / name
+
+    def remove_stale(self) -> list[str]:
+        """Rank 0, before training: delete the uploads a killed run never committed (step-N/ without
+        meta.json, .tmp-*) from the store, and unfinished local writes (.tmp-*) from the stage."""
+        names = self.run.list("checkpoints")
+        stale = [n for n in names if n.startswith(".tmp-") or (_STEP.match(n) and not self._complete(n))]
+        for name in stale:
+            self.run.remove(f"checkpoints/{name}")
+        local = super().remove_stale()
+        return sorted(set(stale) | set(local))
+
+    def _remove_step(self, name: str) -> None:
+        """Delete one step on the store, meta.json first: a kill half way leaves no complete-looking rest."""
+        self.run.remove(f"checkpoints/{name}/{META}")
+        self.run.remove(f"checkpoints/{name}")
+
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        rank_state: dict[str, Any],
+        config_yaml: str,
+        run_files: Sequence[str] = (),
+    ) -> Path:
+        """Collective. Save into the stage, upload, commit (meta.json, then `latest`), prune; -> the local
+        copy's folder. `upload_seconds`: rank 0, from the first upload to `latest`; other ranks, their
+        own files."""
+        import torch.distributed as dist
+
+        name = step_name(step)
+        local = self.dir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in local.iterdir() if local.is_dir() else ():  # a local copy of an earlier attempt
+            if old.is_file() and self._owns(old.name):
+                old.unlink(missing_ok=True)
+        engine.save_checkpoint(str(self.dir), tag=name, save_latest=False)
+        state = {**rank_state, "rng": rng_state()}
+        write_text_atomically(local / f"rank-{self.rank:05d}.json", json.dumps(state))
+        if self.rank == 0:
+            write_text_atomically(local / "config.yaml", config_yaml)
+            meta = {"step": step, "world_size": self.world_size, "time": time.time()}
+            write_text_atomically(local / META, json.dumps(meta, indent=1) + "\n")
+            self._remove_step(name)  # an earlier attempt at this step (complete or not): the new one wins
+        _barrier(dist)
+
+        started = time.perf_counter()
+        mine = [p.name for p in sorted(local.iterdir()) if p.is_file() and self._uploads(p.name)]
+        stall = os.environ.get(STALL_ENV) == str(step)
+        for i, file in enumerate(mine):
+            self.run.upload(f"checkpoints/{name}/{file}")
+            if stall and i == 0:
+                time.sleep(3600)  # a test kills the run here, with step-N half uploaded
+        self.upload_seconds = time.perf_counter() - started
+        _barrier(dist)  # every rank's part is on the store
+
+        if self.rank == 0:
+            for rel in run_files:
+                if (self.run.local / rel).is_file():
+                    self.run.upload(rel)
+            self.run.upload(f"checkpoints/{name}/config.yaml")
+            self.run.upload(f"checkpoints/{name}/{META}")  # the commit
+            self.store.write_bytes(f"checkpoints/{LATEST}", (name + "\n").encode())
+            self.upload_seconds = time.perf_counter() - started
+            self._prune()
+        self._prune_local()
+        _barrier(dist)  # nobody goes on (or reads `latest`) before the commit
+        return local
+
+    def _owns(self, file: str) -> bool:
+        """Whether this rank writes `file` of a checkpoint: its own files; rank 0 also those of no rank."""
+        owner = file_owner(file)
+        return owner == self.rank or (owner is None and self.rank == 0)
+
+    def _uploads(self, file: str) -> bool:
+        """Whether this rank uploads `file` of a checkpoint it saved (rank 0 commits config and meta last)."""
+        if file in (META, "config.yaml") or file.startswith(".") or ".tmp-" in file:  # or a half write
+            return False
+        return self._owns(file)
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for step in self.steps()[: -self.keep_last]:
+            self._remove_step(step_name(step))
+
+    def _prune_local(self) -> None:
+        """Keep this node's newest `keep_last` local copies (the store decides what is a checkpoint)."""
+        if self.keep_last <= 0 or not self.dir.is_dir():
+            return
+        local = sorted(p for p in self.dir.iterdir() if _STEP.match(p.name) and p.is_dir())
+        for p in local[: -self.keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, engine: Any, path: Path) -> tuple[int, dict[str, Any]]:
+        """Collective. Fetch what this rank reads of checkpoint `path.name` from the store into the stage
+        (its own files and those of no rank), then restore from it as Checkpoints.load does."""
+        files = self.run.list(f"checkpoints/{path.name}")
+        if META not in files:
+            raise CheckpointError(f"{self.where(path)} is not a complete checkpoint (no {META})")
+        for file in files:
+            if file_owner(file) in (None, self.rank):
+                self.run.download(f"checkpoints/{path.name}/{file}")
+        return super().load(engine, path)
+
+
+def open_checkpoints(run: RunDir, rank: int, world_size: int, keep_last: int) -> Checkpoints:
+    """The checkpoints of run folder `run`: on its store (StoredCheckpoints) or in its local folder."""
+    if run.remote:
+        return StoredCheckpoints(run, rank, world_size, keep_last)
+    return Checkpoints(run.local / "checkpoints", rank, world_size, keep_last)
 
 
 def _barrier(dist: Any) -> None:

@@ -55,6 +55,7 @@ def load_task(kind: str, items: list[str]) -> tuple[Any, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     task, cfg = load_task(args.kind, args.config)  # a bad config fails before DeepSpeed is imported
 
+    from ingest.retry import StoreUnavailable
     from ingest.tokens import TokensError
     from train.checkpoint import CheckpointError
     from train.loader import LoaderError
@@ -64,6 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(task, cfg, resume=args.resume)
     except (LoaderError, CheckpointError, TokensError) as err:
         raise UserError(str(err)) from None
+    except StoreUnavailable as err:  # outside the training loop (which stops cleanly, see StoreOutage)
+        raise UserError(f"{err}; run again with --resume auto once the store answers") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"lvmae train {task.name}: step {summary['steps']} ({summary['trained_steps']} this run, "

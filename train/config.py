@@ -45,7 +45,10 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples
     decoder: str = "auto"  # clip decoder backend: auto (DALI where installed), dali, pyav
     decode_threads: int = 0  # DALI threads per rank; 0: the node's cores shared among its ranks
-    retries: int = 3  # re-opens of a shard whose read fails, before the run stops
+    retries: int = 3  # re-reads of a damaged shard (tar error) before it is passed over
+    # seconds one store read (shard, index, token rows) may keep failing before the run saves a checkpoint
+    # and stops; a store outage shorter than this is waited out (backoff with jitter, ingest.retry)
+    retry_deadline_s: float = 300.0
     # Passed to fsspec. Empty: the endpoint comes from AWS_ENDPOINT_URL(_S3) and keys from the standard AWS
     # environment and files. Keys written here are never saved with the run (see redacted()).
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +62,7 @@ class DataConfig:
         _choice(self.decoder, f"{prefix}.decoder", DECODER_BACKENDS)
         _check(self.decode_threads >= 0, f"{prefix}.decode_threads", "must be >= 0 (0: automatic)")
         _check(self.retries >= 0, f"{prefix}.retries", "must be >= 0")
+        _check(self.retry_deadline_s >= 0, f"{prefix}.retry_deadline_s", "must be >= 0 (seconds)")
 
 
 @dataclass
@@ -95,7 +99,12 @@ class OptimConfig:
 class RunConfig:
     """One training run: output, length, checkpoints, numerics, parallelism and metrics."""
 
+    # The run folder: a local (or shared) path, or a URL on object storage (s3://bucket/runs/x, any fsspec
+    # URL; endpoint and keys from the environment), see train.rundir.
     out: str = "runs/default"
+    # Where each node stages the files of a run.out URL before they are uploaded (checkpoints, log,
+    # export); None: $TMPDIR/lvmae-stage/<name>-<hash of the URL>. `{node}` and `{rank}` are filled in.
+    stage_dir: str | None = None
     seed: int = 0
     steps: int = 100_000  # optimizer steps this run trains to (may stop before optim.total_steps)
     checkpoint_every: int = 1000  # steps; 0 saves only at the end
@@ -109,11 +118,16 @@ class RunConfig:
 
     def validate(self, prefix: str = "run") -> None:
         _check(bool(self.out), f"{prefix}.out", "must name an output directory")
-        _check(
-            "://" not in self.out,
-            f"{prefix}.out",
-            f"must be a local (or shared) filesystem path, not a URL; got {self.out!r}",
-        )
+        if "://" in self.out:
+            import fsspec
+
+            protocol = self.out.split("://", 1)[0]
+            _check(
+                protocol in fsspec.available_protocols(),
+                f"{prefix}.out",
+                f"unknown storage protocol {protocol!r} (a local path, or a URL such as s3://bucket/runs/x)",
+            )
+        _check(self.stage_dir is None or bool(self.stage_dir), f"{prefix}.stage_dir", "must name a folder")
         _check(self.steps >= 1, f"{prefix}.steps", "must be a positive integer")
         _check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", "must be >= 0")
         _check(self.keep_last >= 0, f"{prefix}.keep_last", "must be >= 0")

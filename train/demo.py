@@ -130,7 +130,8 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     from ingest.benchmark import write_benchmark
     from ingest.clips import ingest_clips
     from ingest.config import ClipSpec, IngestConfig
-    from ingest.tokens import ingest_tokens
+    from ingest.storage import Store
+    from ingest.tokens import TokensError, ingest_tokens
     from train.trainer import read_log
 
     logs = out / "logs"
@@ -174,7 +175,15 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         print(f"    {line}", flush=True)
 
     print("3/6 ingest tokens: the frozen tokenizer's codes and priorities -> Zarr", flush=True)
-    tokens = ingest_tokens(data, str(tok_run / "tokenizer"), device="cpu", progress=True)
+    try:
+        tokens = ingest_tokens(data, str(tok_run / "tokenizer"), device="cpu", progress=True)
+    except TokensError as err:  # a demo folder from an older lvmae: its token store is rebuilt
+        if "is a token store of format" not in str(err):
+            raise
+        store = Store(data)
+        print("  the demo's token store is of an older format: rebuilding it", flush=True)
+        store.fs.rm(store.path("tokens"), recursive=True)
+        tokens = ingest_tokens(data, str(tok_run / "tokenizer"), device="cpu", progress=True)
     print(f"  {tokens.num_valid} clips -> {tokens.store}", flush=True)
 
     print(

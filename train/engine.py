@@ -12,6 +12,7 @@ The model knows nothing of parallelism; ZeRO stage, precision and clipping all c
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import math
@@ -197,8 +198,23 @@ def init_distributed() -> None:
         torch.set_num_threads(1)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    atexit.register(release_shm_buffer)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's /dev/shm all-reduce buffer. DeepSpeed's CPU communication backend creates one
+    per rank (about 67 MB, named by uid, MASTER_ADDR, MASTER_PORT and rank) and never removes it, so every
+    CPU run would leave its ranks' buffers in memory until reboot. Ranks map it once, at init: removing
+    the name at exit frees the memory once every rank has gone."""
+    env = os.environ
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR')}_"
+        f"{env.get('MASTER_PORT')}_{env.get('RANK')}"
+    )
+    with contextlib.suppress(OSError):
+        os.unlink(name)
 
 
 __all__ = [

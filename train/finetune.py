@@ -4,7 +4,8 @@
 
 Each clip is cut into views (temporal windows x spatial crops of the classifier's clip), their logits
 averaged; top-1, top-5, per-class accuracy and the confusion matrix per split (train.probe.scores), written
-to RUN/eval.json and RUN/confusion.png.
+to RUN/eval.json and RUN/confusion.png. RUN may be on object storage (s3://...): the export is fetched, and
+the two files are written into the run's local stage and uploaded (train.rundir).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from lvmae.errors import UserError
 from lvmae.weights import load_classifier, write_text_atomically
 from train.probe import cut_views, save_confusion, scores
+from train.rundir import RunDir, fetch_folder, is_url
 
 
 @torch.inference_mode()
@@ -48,8 +50,8 @@ def evaluate_classifier(
     from train.loader import ClipLoader, LoaderError
 
     try:
-        model, classes = load_classifier(export)
-    except ValueError as err:
+        model, classes = load_classifier(fetch_folder(str(export)))
+    except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, Any] = {"classifier": str(export), "dataset": dataset, "classes": classes}
@@ -74,11 +76,19 @@ def evaluate_classifier(
             )
         logits, labels = split_logits(model, loader, temporal_views, spatial_views)
         results[split] = scores(logits, labels, classes)
-    target = Path(out) if out else Path(export).parent
+    run = RunDir(str(out) if out else parent_of(str(export)))
+    target = run.local
+    target.mkdir(parents=True, exist_ok=True)
     write_text_atomically(target / "eval.json", json.dumps(results, indent=1) + "\n")
-    results["json"] = str(target / "eval.json")
+    run.upload("eval.json")
+    results["json"] = run.uri("eval.json")
     last = splits[-1]
-    results["confusion_png"] = str(
-        save_confusion(results[last], classes, target / "confusion.png", {"random_init": False})
-    )
+    save_confusion(results[last], classes, target / "confusion.png", {"random_init": False})
+    run.upload("confusion.png")
+    results["confusion_png"] = run.uri("confusion.png")
     return results
+
+
+def parent_of(export: str) -> str:
+    """The run folder of an export folder (a path or a URL)."""
+    return export.rstrip("/").rsplit("/", 1)[0] if is_url(export) else str(Path(export).parent)

@@ -3,7 +3,7 @@
 A chain of small generator stages (webdataset style), each usable on a plain list:
 
     shard_order (seeded by seed + epoch, same on every rank; with a split, only shards holding it)
-    -> split_by_rank (round robin) -> read_shards (fsspec stream, bounded retries) -> tar_samples
+    -> split_by_rank (round robin) -> read_shards (fsspec stream, outages waited out) -> tar_samples
     (KEY.webm + KEY.json grouped) -> shuffle (seeded buffer) -> [skip `consumed` on resume]
     -> decode_batches (other splits' samples passed over, bad clips skipped, batch refilled)
     -> token join (codes, priority; invalid rows skipped before decoding), class ids from KEY.json
@@ -29,8 +29,11 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+from botocore.exceptions import BotoCoreError, ClientError
 
 from ingest.labels import LabelError, LabelSpec, SampleFilter
+from ingest.retry import RetryPolicy, StoreRetry, is_transient
+from ingest.samples import tar_samples  # (KEY, {extension: bytes}) per sample of a tar stream
 from ingest.storage import Store
 
 Sample = tuple[str, dict[str, bytes]]  # (KEY, {extension: bytes})
@@ -38,15 +41,6 @@ Sample = tuple[str, dict[str, bytes]]  # (KEY, {extension: bytes})
 
 class LoaderError(Exception):
     """The loader cannot start or go on (no data set, too few shards, an unreachable store): a user error."""
-
-
-def _retryable() -> tuple[type[BaseException], ...]:
-    """OSError (fsspec, s3fs translate most failures to it) and botocore's own errors, where installed."""
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        return (OSError,)
-    return (OSError, BotoCoreError, ClientError)
 
 
 def shard_order(shards: list[str], seed: int, epoch: int) -> list[str]:
@@ -65,52 +59,55 @@ def split_by_rank(items: list[str], rank: int, world_size: int) -> list[str]:
     return items[rank::world_size]
 
 
-def tar_samples(fileobj: IO[bytes]) -> Iterator[Sample]:
-    """(KEY, {extension: bytes}) per sample in tar order; consecutive members with one KEY form a sample."""
-    key, parts = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-            if k != key:
-                if key is not None:
-                    yield key, parts
-                key, parts = k, {}
-            parts[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    if key is not None:
-        yield key, parts
-
-
 def read_shards(
-    names: Iterable[str], open_shard: Callable[[str], IO[bytes]], retries: int, stats: dict[str, float]
+    names: Iterable[str],
+    open_shard: Callable[[str], IO[bytes]],
+    retries: int,
+    stats: dict[str, float],
+    retry: StoreRetry | None = None,
 ) -> Iterator[Sample]:
-    """The samples of each shard in turn, streamed. A read that fails (OSError, botocore) re-opens the shard
-    and skips the samples already given, up to `retries` times per shard (counted in stats["retries"]).
-    A cut-off stream can look like a damaged tar, so tar errors are retried too; a tar still damaged after
-    the retries ends its shard (counted in stats["bad_shards"]) and the next shard follows."""
-    retryable = (*_retryable(), tarfile.TarError, EOFError)
+    """The samples of each shard in turn, streamed. A read that fails re-opens the shard and skips the
+    samples already given, so nothing is lost or given twice:
+    - a store failure (connection, timeout, 5xx; ingest.retry.is_transient) is waited out by `retry`
+      (backoff up to its deadline, restarted whenever the read gets further; StoreUnavailable past it);
+    - a damaged tar (which a cut-off stream can look like) is re-read up to `retries` times; still damaged,
+      it ends its shard (stats["bad_shards"]) and the next shard follows.
+    Re-opens are counted in stats["retries"]. Without `retry`, a store failure is re-tried `retries` times
+    like a damaged tar, then raised as LoaderError."""
+    retry = retry or StoreRetry(RetryPolicy(deadline_s=0))
     for name in names:
-        given, attempt = 0, 0
-        while True:
-            try:
-                with open_shard(name) as f:
-                    for i, (key, parts) in enumerate(tar_samples(f)):
-                        if i < given:
-                            continue
-                        stats["bytes_read"] += sum(len(v) for v in parts.values())
-                        given += 1
-                        yield key, parts
-                break
-            except retryable as err:
-                if attempt >= retries and isinstance(err, (tarfile.TarError, EOFError)):
-                    stats["bad_shards"] += 1
+        given, damaged = 0, 0
+        with retry.operation(f"reading shard {name}") as op:
+            while True:
+                try:
+                    with open_shard(name) as f:
+                        for i, (key, parts) in enumerate(tar_samples(f)):
+                            if i < given:
+                                continue
+                            stats["bytes_read"] += sum(len(v) for v in parts.values())
+                            given += 1
+                            op.progress()
+                            yield key, parts
                     break
-                if attempt >= retries:
-                    raise LoaderError(f"reading shard {name} failed {attempt + 1} times: {err}") from err
-                attempt += 1
+                except (tarfile.TarError, EOFError):
+                    if damaged >= retries:
+                        stats["bad_shards"] += 1
+                        break
+                    damaged += 1
+                    time.sleep(min(0.1 * 2**damaged, 2.0))
+                except Exception as err:
+                    if not is_transient(err):
+                        if isinstance(err, OSError | BotoCoreError | ClientError):
+                            raise LoaderError(f"cannot read shard {name}: {err}") from err
+                        raise
+                    if retry.policy.deadline_s > 0:
+                        op.failed(err)  # waits, or raises StoreUnavailable past the deadline
+                    elif damaged >= retries:
+                        raise LoaderError(f"reading shard {name} failed {damaged + 1} times: {err}") from err
+                    else:
+                        damaged += 1
+                        time.sleep(min(0.1 * 2**damaged, 2.0))
                 stats["retries"] += 1
-                time.sleep(min(0.1 * 2**attempt, 2.0))
 
 
 def shuffle(samples: Iterable[Any], buffer_size: int, gen: np.random.Generator) -> Iterator[Any]:
@@ -234,14 +231,18 @@ def decode_batches(
 
 
 class TokenJoin:
-    """Codes and priority of samples by KEY from a token store `tokens/<id>/` (key -> row map built once)."""
+    """Codes and priority of samples by KEY from a token store `tokens/<id>/`: the group, its array handles
+    and the key -> row map are read once (one metadata read per run); each batch reads only its rows.
+    Reads go through the store's retry (a remote store's outage is waited out, see ingest.retry)."""
 
     def __init__(self, store: Store, tokenizer_id: str):
-        from ingest.tokens import TokensError, check_format, open_tokens
+        from ingest.tokens import TokensError, check_format, decode_keys, open_tokens
 
-        url = store.uri(f"tokens/{tokenizer_id}")
+        rel = f"tokens/{tokenizer_id}"
+        self.url, self.store = store.uri(rel), store
+        url = self.url
         try:
-            self.group = open_tokens(store, f"tokens/{tokenizer_id}")
+            self.group = store.call(lambda: open_tokens(store, rel), f"opening token store {url}")
         except FileNotFoundError as err:
             raise LoaderError(f"no token store {url}") from err
         try:
@@ -250,16 +251,27 @@ class TokenJoin:
             raise LoaderError(str(err)) from None
         if not self.group.attrs.get("complete"):
             raise LoaderError(f"token store {url} is incomplete: finish ingest")
-        keys, valid = self.group["keys"][:], self.group["valid"][:]
+        self.codes, self.priority, keys_array, valid_array = store.call(
+            lambda: [self.group[name] for name in ("codes", "priority", "keys", "valid")],
+            f"opening the arrays of {url}",
+        )
+        keys = decode_keys(store.call(lambda: keys_array[:], f"reading {url}/keys"))
+        valid = store.call(lambda: valid_array[:], f"reading {url}/valid")
         self.rows = {str(k): i for i, (k, v) in enumerate(zip(keys, valid)) if v and k}
 
     def has(self, key: str) -> bool:
         return key in self.rows
 
+    def _read(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        codes, priority = self.codes.oindex[rows], self.priority.oindex[rows]
+        if (codes < 0).any():  # a valid row holds no fill value: the store answered "missing" for a part
+            raise OSError(f"token rows {rows} of {self.url} came back partly empty")
+        return codes, priority
+
     def __call__(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> codes (B, T', H', W') int64, priority (B, T', H', W') float32, in the order of `keys`."""
         rows = [self.rows[k] for k in keys]
-        codes, priority = self.group["codes"].oindex[rows], self.group["priority"].oindex[rows]
+        codes, priority = self.store.call(lambda: self._read(rows), f"reading token rows of {self.url}")
         return torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(priority.astype(np.float32))
 
 
@@ -273,6 +285,8 @@ class ClipLoader:
     split: only the samples of this split (train / val / test; ingest.labels); None: every sample.
     labels: add "labels" (B,) int64 class ids (index.json's class map); every sample must have a label.
     decoder: "auto" (DALI where installed), "dali" or "pyav"; decoder_kwargs go to make_clip_decoder.
+    retries: re-reads of a damaged shard before it is passed over. retry_deadline: seconds one store read
+    may keep failing (connection, timeout, 5xx) before StoreUnavailable; waited out with backoff until then.
     epochs: stop after this epoch number (exclusive); None iterates forever.
     prefetch: samples read ahead by a thread while the caller decodes (0: none); default 2 x batch_size.
     even_batches: every rank yields the same number of (full) batches per epoch, min over ranks of
@@ -293,6 +307,7 @@ class ClipLoader:
         decoder: str = "auto",
         storage_options: dict[str, Any] | None = None,
         retries: int = 3,
+        retry_deadline: float = 300.0,
         drop_last: bool = True,
         epochs: int | None = None,
         prefetch: int | None = None,
@@ -301,17 +316,19 @@ class ClipLoader:
         split: str | None = None,
         labels: bool = False,
     ):
-        if batch_size < 1 or not 0 <= rank < world_size or retries < 0:
+        if batch_size < 1 or not 0 <= rank < world_size or retries < 0 or retry_deadline < 0:
             raise LoaderError(
                 f"bad loader settings: batch_size={batch_size}, rank={rank} of world_size={world_size}, "
-                f"retries={retries}"
+                f"retries={retries}, retry_deadline={retry_deadline}"
             )
-        self.store = Store(dataset_url, storage_options)
+        # one retry state for every read of this loader (shards, index, tokens): its counters feed metrics
+        self.retry = StoreRetry(RetryPolicy(deadline_s=retry_deadline))
+        self.store = Store(dataset_url, storage_options, retry=self.retry)
         try:
             index = self.store.read_json("index.json")
         except FileNotFoundError:
             raise LoaderError(f"{self.store.url} is not a complete data set (no index.json)") from None
-        except OSError as err:
+        except (OSError, BotoCoreError, ClientError) as err:
             raise LoaderError(f"cannot read {self.store.uri('index.json')}: {err}") from err
         try:
             self.filter = SampleFilter(index, LabelSpec(split, labels), self.store.url)
@@ -387,7 +404,8 @@ class ClipLoader:
             return self.store.fs.open(self.store.path(name), "rb")
 
         gen = np.random.default_rng([self.seed, epoch, self.rank])
-        return shuffle(read_shards(names, open_shard, self.retries, self.stats), self.shuffle_buffer, gen)
+        shards = read_shards(names, open_shard, self.retries, self.stats, self.retry)
+        return shuffle(shards, self.shuffle_buffer, gen)
 
     def _decode(self, batch: list[bytes]) -> tuple[torch.Tensor, list[int]]:
         if self._decoder is None:

@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -69,9 +70,19 @@ class TrainMetrics:
         self.frames = Counter("lvmae_loader_decoded_frames", "Frames decoded by the loader", registry=r)
         self.read_bytes = Counter("lvmae_loader_read_bytes", "Bytes read from the store", registry=r)
         self.retries = Counter("lvmae_loader_retries", "Store reads retried", registry=r)
+        self.stalled = Gauge(
+            "lvmae_loader_store_stalled_seconds",
+            "Seconds the loader has been waiting for the store to answer (0 while reads succeed)",
+            registry=r,
+        )
         self.errors = Counter("lvmae_loader_errors", "Store reads that failed after retries", registry=r)
         self.skipped = Counter(
             "lvmae_loader_skipped_samples", "Corrupt or invalid samples skipped", registry=r
+        )
+        self.checkpoint_upload = Gauge(
+            "lvmae_checkpoint_upload_seconds",
+            "Upload time of the last checkpoint to object storage (rank 0: the whole commit; 0 locally)",
+            registry=r,
         )
         self._loader_seen: dict[str, float] = {}
 
@@ -107,6 +118,15 @@ class TrainMetrics:
         self.last_step.set(time.time())
         kind, peak = peak_memory_bytes()
         self.peak_memory.labels(kind).set(peak)
+
+    def checkpoint(self, *, upload_s: float) -> None:
+        self.checkpoint_upload.set(upload_s)
+
+    def watch_store(self, retry: Any) -> None:
+        """Live figures of an ingest.retry.StoreRetry: the stall gauge is read at each scrape, and every
+        retry counts at once, also while the training loop itself is blocked waiting for data."""
+        self.stalled.set_function(retry.stalled_seconds)
+        retry.on_retry.append(self.retries.inc)
 
     def loader(
         self,

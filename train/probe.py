@@ -4,6 +4,7 @@
 
 1. The encoder comes from an export (RUN/export), a run folder, or a checkpoint (step-N/, rebuilt from its
    ZeRO shards), rebuilt for the probe's clip (`--frames`, `--size`: positions recomputed for the grid).
+   Any of them may be on object storage (s3://...): its files are fetched first (train.rundir).
 2. Labelled clips stream through the training loader, split by source video at ingest (train / val /
    test); each clip is cut into views (temporal windows x spatial crops) and the frozen encoder's tokens
    for every view are computed once and cached (OUT/features/, keyed by encoder, data and views).
@@ -35,6 +36,7 @@ from lvmae.errors import UserError
 from lvmae.heads import AttentiveProbe, check_encoder_state, encoder_config, encoder_for
 from lvmae.mae import VideoViT
 from lvmae.weights import MAE_CONFIG, MAE_WEIGHTS, write_text_atomically
+from train.rundir import default_stage_dir, fetch_folder, is_url, run_name
 
 
 @dataclass
@@ -78,6 +80,8 @@ def load_source(source: str) -> tuple[MAEConfig, dict[str, torch.Tensor], str]:
     dict, what was loaded). One clear UserError for anything else."""
     from safetensors.torch import load_file
 
+    if is_url(source):
+        return _from_store(source)
     path = Path(source)
     if (path / "export" / MAE_CONFIG).is_file():
         path = path / "export"
@@ -93,6 +97,29 @@ def load_source(source: str) -> tuple[MAEConfig, dict[str, torch.Tensor], str]:
         f"{source} is neither an exported model (config.yaml + model.safetensors), a run folder with "
         "export/, nor a checkpoint folder (step-N with meta.json)"
     )
+
+
+def _from_store(url: str) -> tuple[MAEConfig, dict[str, torch.Tensor], str]:
+    """load_source for a URL: the export, run folder or checkpoint is fetched into its stage folder
+    (train.rundir.default_stage_dir; a checkpoint with every rank's shards, as zero_to_fp32 needs them)."""
+    from ingest.storage import Store
+
+    url = url.rstrip("/")
+    store = Store(url)
+    if store.exists(f"export/{MAE_CONFIG}"):
+        url = f"{url}/export"
+        store = Store(url)
+    if store.exists("meta.json"):
+        local = fetch_folder(url, default_stage_dir(url) / run_name(url))  # zero_to_fp32 reads PARENT/step-N
+    elif store.exists(MAE_CONFIG):
+        local = fetch_folder(url)
+    else:
+        raise UserError(
+            f"{url} is neither an exported model (config.yaml + model.safetensors), a run folder with "
+            "export/, nor a checkpoint folder (step-N with meta.json)"
+        )
+    cfg, state, what = load_source(str(local))
+    return cfg, state, f"{what.split(' ', 1)[0]} {url}"
 
 
 def _from_checkpoint(path: Path) -> tuple[MAEConfig, dict[str, torch.Tensor], str]:

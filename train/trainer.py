@@ -8,6 +8,9 @@
     for each step: batch (read ahead by a thread) -> loss -> backward -> step -> metrics, log, checkpoint
     export                                           # safetensors through a ZeRO-3 gather
 
+run.out may be a URL (s3://...): ranks then write into a local stage and upload (train.rundir, and the commit
+order of StoredCheckpoints in train.checkpoint).
+
 Exact resume: shard order, shuffle and skips are functions of (seed, epoch, rank) and the loader's saved
 position; each step's masks come from a generator seeded by (seed, step, rank); parameters, optimizer, lr
 schedule and RNG states come back from the checkpoint. So a run killed and resumed trains on the same
@@ -29,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ingest.retry import StoreUnavailable
 from lvmae.errors import UserError
 from lvmae.weights import write_text_atomically
-from train.checkpoint import CheckpointError, Checkpoints
+from train.checkpoint import CheckpointError, Checkpoints, open_checkpoints
 from train.config import saved_yaml
 from train.engine import (
     build_engine,
@@ -43,6 +47,7 @@ from train.engine import (
 )
 from train.loader import ClipLoader, prefetch
 from train.metrics import TrainMetrics, peak_memory_bytes, write_targets
+from train.rundir import RunDir
 from train.tasks import Task
 
 LOG_FILE = "train_log.jsonl"  # one line per optimizer step, written by rank 0
@@ -137,6 +142,7 @@ def build_loader(cfg: Any, task: Task, dist: Dist) -> ClipLoader:
         decoder=cfg.data.decoder,
         storage_options=cfg.data.storage_options or None,  # None: endpoint from the environment
         retries=cfg.data.retries,
+        retry_deadline=cfg.data.retry_deadline_s,
         split=cfg.data.split,
         labels=getattr(task, "labels", False),
         decoder_kwargs={"num_threads": threads, "device_id": dist.local_rank},
@@ -148,8 +154,9 @@ def build_loader(cfg: Any, task: Task, dist: Dist) -> ClipLoader:
     return loader
 
 
-def build_metrics(cfg: Any, dist: Dist) -> TrainMetrics:
-    """This rank's exporter on port base + rank; local rank 0 writes the node's file-SD target list."""
+def build_metrics(cfg: Any, dist: Dist, run: RunDir | None = None) -> TrainMetrics:
+    """This rank's exporter on port base + rank; local rank 0 writes the node's file-SD target list, beside
+    the run folder (for a run on object storage: beside its local stage folder)."""
     metrics = TrainMetrics(rank=dist.rank)
     base, addr = cfg.run.metrics_port_base, cfg.run.metrics_addr
     if base == 0:
@@ -162,12 +169,12 @@ def build_metrics(cfg: Any, dist: Dist) -> TrainMetrics:
             "run.metrics_port_base to free ports (or 0 to turn metrics off)"
         ) from None
     if dist.local_rank == 0:
-        out = Path(cfg.run.out)
+        run = run or RunDir(cfg.run.out)
         first = dist.node * dist.local_world_size
         ports = [base + first + i for i in range(dist.local_world_size)]
         host = socket.gethostname() if addr in ("0.0.0.0", "::") else addr
-        name = out.name if dist.world_size == dist.local_world_size else f"{out.name}-node{dist.node}"
-        write_targets(out.parent, out.name, ports, host, first_rank=first, name=name)
+        name = run.name if dist.world_size == dist.local_world_size else f"{run.name}-node{dist.node}"
+        write_targets(run.local.parent, run.name, ports, host, first_rank=first, name=name)
     return metrics
 
 
@@ -214,16 +221,38 @@ def pick_checkpoint(ckpts: Checkpoints, resume: str) -> Path | None:
     if resume == "none":
         if latest is not None:
             raise CheckpointError(
-                f"{ckpts.dir} already holds checkpoints (newest: {latest.name}): pass --resume auto to "
+                f"{ckpts.location} already holds checkpoints (newest: {latest.name}): pass --resume auto to "
                 "continue that run, or set run.out to a new folder"
             )
         return None
     if resume == "auto":
         return latest
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
-    return path
+    return ckpts.named(resume)
+
+
+class StoreOutage(UserError):
+    """The store stayed unreachable past data.retry_deadline_s: the run stopped between two steps."""
+
+
+def next_batch(batches: Any) -> tuple[dict[str, Any] | None, StoreUnavailable | None]:
+    """The next batch, or (None, the outage) when the loader gave up waiting for the store."""
+    try:
+        return next(batches), None
+    except StoreUnavailable as err:
+        return None, err
+
+
+def every_rank_has(tdist: Any, ok: bool, device: torch.device) -> bool:
+    """True when every rank has its batch (one small all-reduce): a rank whose loader gave up makes every
+    rank stop together, between steps, instead of leaving the others blocked in the step's collectives."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def outage_message(outage: StoreUnavailable | None, rank: int, step: int, kept: str) -> str:
+    why = f"rank {rank}: {outage}" if outage is not None else "another rank's loader gave up on the store"
+    return f"stopped at step {step}: {why}; {kept}: run again with --resume auto once the store answers"
 
 
 def _say(dist: Dist, msg: str) -> None:
@@ -236,22 +265,27 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
     import torch.distributed as tdist
 
     dist = join_process_group()
-    out = Path(cfg.run.out)
+    run = RunDir(cfg.run.out, cfg.run.stage_dir, rank=dist.rank, node=dist.node)
+    out = run.local  # the run folder, or this node's stage of a run on object storage (train.rundir)
     precision = resolve_precision(cfg.run.precision)
     device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     loader = build_loader(cfg, task, dist)
-    ckpts = Checkpoints(out / "checkpoints", dist.rank, dist.world_size, cfg.run.keep_last)
+    ckpts = open_checkpoints(run, dist.rank, dist.world_size, cfg.run.keep_last)
     start = pick_checkpoint(ckpts, resume)
-    metrics = build_metrics(cfg, dist)  # a busy port fails here, before anything is written
+    metrics = build_metrics(cfg, dist, run)  # a busy port fails here, before anything is written
+    metrics.watch_store(loader.retry)  # retries and stalled seconds, live while the loader waits
     config_yaml = saved_yaml(cfg)
+    if run.remote:
+        out.mkdir(parents=True, exist_ok=True)  # every node its own stage
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         removed = ckpts.remove_stale()
         if removed:
             print(f"removed unfinished checkpoint saves: {', '.join(removed)}", flush=True)
         (out / CONFIG_FILE).write_text(config_yaml)
+        run.upload(CONFIG_FILE)
     tdist.barrier()
 
     torch.manual_seed(cfg.run.seed)
@@ -266,25 +300,43 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
     if start is not None:
         step, state = ckpts.load(engine, start)
         loader.load_state_dict(state["loader"])
+        if run.remote and dist.rank == 0:
+            run.download(LOG_FILE)  # uploaded before the checkpoint's commit: it reaches (at least) its step
         log.truncate(step)
-        _say(dist, f"resumed from {start} at step {step}")
+        _say(dist, f"resumed from {ckpts.where(start)} at step {step}")
+    elif run.remote:
+        log.truncate(0)  # a stage can hold the log of an earlier run at this URL
     if step > cfg.run.steps:
-        raise CheckpointError(f"{start} is at step {step}, past run.steps={cfg.run.steps}")
+        raise CheckpointError(f"{ckpts.where(start)} is at step {step}, past run.steps={cfg.run.steps}")
     n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
     _say(
         dist,
         f"lvmae train {task.name}: {n_params / 1e6:.2f} M parameters, {dist.world_size} rank(s), "
         f"ZeRO-{cfg.run.zero_stage}, {precision}, {device.type}, batch {cfg.data.batch_size}/rank, "
-        f"steps {step} -> {cfg.run.steps}, out {out}",
+        f"steps {step} -> {cfg.run.steps}, out {run}",
     )
 
     loader_state = loader.state_dict()
     started, first_step = time.perf_counter(), step
+    saved = step if start is not None else -1  # the step of the newest checkpoint
     batches = prefetch(iter(loader), depth=2)  # decoding of the next batches overlaps this step
     try:
         while step < cfg.run.steps:
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch, outage = next_batch(batches)
+            if not every_rank_has(tdist, outage is None, device):  # before any collective of the step
+                saved_now = ""
+                if saved < step:  # all ranks are here, between steps: a checkpoint is still possible
+                    rank_state = {"loader": loader_state, "step": step}
+                    try:
+                        path = ckpts.save(engine, step, rank_state, config_yaml, run_files=(LOG_FILE,))
+                        saved, saved_now = step, f"checkpoint {ckpts.where(path)} saved"
+                    except Exception as err:  # the run folder may sit on the same unreachable store
+                        saved_now = f"no checkpoint could be saved ({type(err).__name__}: {err})"
+                kept = saved_now or (
+                    f"the checkpoint of step {saved} stays" if saved >= 0 else "no checkpoint yet"
+                )
+                raise StoreOutage(outage_message(outage, dist.rank, step, kept))
             t1 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             video = batch["video"].to(device, dtype, non_blocking=True)
@@ -352,8 +404,12 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
                 )
             every = cfg.run.checkpoint_every
             if (every and step % every == 0) or step == cfg.run.steps:
-                path = ckpts.save(engine, step, {"loader": loader_state, "step": step}, config_yaml)
-                _say(dist, f"checkpoint {path}")
+                rank_state = {"loader": loader_state, "step": step}
+                path = ckpts.save(engine, step, rank_state, config_yaml, run_files=(LOG_FILE,))
+                saved = step
+                uploaded = f" (uploaded in {ckpts.upload_seconds:.2f} s)" if run.remote else ""
+                metrics.checkpoint(upload_s=ckpts.upload_seconds)
+                _say(dist, f"checkpoint {ckpts.where(path)}{uploaded}")
     finally:
         batches.close()
         log.close()
@@ -363,7 +419,9 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
     exported = None
     if dist.rank == 0:
         exported = task.export(state, out)
-        print(f"exported {exported}", flush=True)
+        if run.remote:
+            run.upload_tree(exported.relative_to(out).as_posix())
+        print(f"exported {run.where(exported)}", flush=True)
     tdist.barrier()
     summary = {
         "task": task.name,
@@ -373,11 +431,14 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
         "clips_per_s": round(
             (step - first_step) * cfg.data.batch_size * dist.world_size / max(seconds, 1e-9), 2
         ),
-        "export": str(exported) if exported else None,
+        "export": run.where(exported) if exported else None,
         "peak_memory": dict(zip(("kind", "bytes"), peak_memory_bytes())),
         "loader": dict(loader.stats),
     }
     if dist.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        for rel in (LOG_FILE, "summary.json"):
+            if (out / rel).is_file():
+                run.upload(rel)
     tdist.destroy_process_group()
     return summary

@@ -15,6 +15,7 @@ a training run's random state is the same with or without an outage.
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import threading
@@ -46,6 +47,21 @@ _PERMANENT_OSERRORS = (
     NotADirectoryError,
     FileExistsError,
 )
+
+
+class _AbandonedTransientErrors(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of transient store errors. zarr reads
+    a batch's chunks as concurrent tasks; when the store goes away, the first failure is raised (and
+    retried here) and the others' identical errors are left unread, which asyncio reports with a
+    traceback when the task is collected: noise in the middle of an outage that is being waited out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        abandoned = "exception was never retrieved" in str(record.msg)
+        return not (abandoned and isinstance(err, Exception) and is_transient(err))
+
+
+_ASYNCIO_FILTER = _AbandonedTransientErrors()
 
 
 class StoreUnavailable(Exception):
@@ -117,6 +133,7 @@ class StoreRetry:
         self._rng = random.Random()  # its own: the training run's random state must not depend on outages
         self._lock = threading.Lock()
         self._failing: dict[int, float] = {}  # operation id -> when it first failed
+        logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)  # once: the same filter object
 
     def stalled_seconds(self) -> float:
         with self._lock:

@@ -166,3 +166,26 @@ def test_the_training_metrics_show_a_stall_while_it_lasts():
     assert [r for _, r in seen] == [1, 2, 3, 4]  # counted at once, while the loop would be blocked
     assert seen[0][0] == 0 < seen[1][0] < seen[2][0] < seen[3][0]  # seconds since the first failure
     assert value("lvmae_loader_store_stalled_seconds") == 0 and value("lvmae_loader_retries_total") == 4
+
+
+def test_abandoned_transient_errors_of_concurrent_reads_are_not_reported(caplog):
+    """zarr reads chunks as concurrent tasks: when the store is down, the errors nobody awaited are
+    dropped from asyncio's log (the one awaited is retried); any other abandoned error is still shown."""
+    import asyncio
+    import gc
+
+    StoreRetry()  # installs the filter
+
+    async def fail(err: Exception) -> None:
+        raise err
+
+    async def abandon() -> None:
+        tasks = [asyncio.ensure_future(fail(e)) for e in (OSError("connection refused"), KeyError("a bug"))]
+        await asyncio.sleep(0.01)
+        tasks.clear()  # nobody retrieves their exceptions
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(abandon())
+        gc.collect()
+    reported = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert [type(e) for e in reported] == [KeyError]

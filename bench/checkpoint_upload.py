@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
 
-from fig1_memory import machine_info  # noqa: E402
+from fig1_memory import machine_info, result_row  # noqa: E402
 
 MIB = 2**20
 
@@ -138,13 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, __file__, "--one", recipe, "--saves", str(args.saves)]
             cmd += [f"--url={bucket}/run{i}", f"--stage={tmp}/stage{i}"]
             cmd += [f"--override={o}" for o in filter(None, own.split(","))]
-            load_before = os.getloadavg()[0]
-            run = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-            if run.returncode != 0 or not lines:
-                sys.exit(f"{spec} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-            row = json.loads(lines[-1][len("RESULT ") :])
-            row["load_average_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            row = result_row(cmd, spec, env)
             rows.append(row)
             print(
                 f"{spec}: {row['checkpoint_bytes'] / MIB:.1f} MiB, upload {row['median_upload_s']} s "

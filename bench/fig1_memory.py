@@ -192,6 +192,19 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def result_row(cmd: list[str], label: str, env: dict | None = None) -> dict:
+    """Run one benchmark case in a fresh process (`cmd` prints `RESULT {json}` last) -> that JSON, with the
+    load average before and after (other work on the machine skews timings); exits if the case failed."""
+    load_before = os.getloadavg()[0]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        sys.exit(f"{label} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    row = json.loads(lines[-1][len("RESULT ") :])
+    row["load_average_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return row
+
+
 def machine_info(device: torch.device) -> dict:
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
 
-from fig1_memory import machine_info, proc_status_bytes, read_peak, reset_peak  # noqa: E402
+from fig1_memory import machine_info, proc_status_bytes, read_peak, reset_peak, result_row  # noqa: E402
 
 GIB = 2**30
 
@@ -144,13 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe, _, own = spec.partition(":")
         cmd = [sys.executable, __file__, "--one", recipe, "--steps", str(args.steps)]
         cmd += [f"--override={o}" for o in [*overrides, *filter(None, own.split(","))]]
-        load_before = os.getloadavg()[0]
-        run = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        if run.returncode != 0 or not lines:
-            sys.exit(f"{recipe} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-        row = json.loads(lines[-1][len("RESULT ") :])
-        row["load_average_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        row = result_row(cmd, recipe)
         rows.append(row)
         print(
             f"{recipe}: median step {row['median_step_s']} s, peak {row['peak_memory_bytes'] / GIB:.2f} GiB",

@@ -27,6 +27,14 @@ TEMPORAL_PADDINGS = ("replicate", "zeros")
 NORMS = ("group", "channel")
 DECODER_CONTEXTS = ("none", "temporal_mean", "keyframe", "hold")
 SCORER_INPUTS = ("frames", "frames_and_differences")
+POS_EMBEDS = ("videomae_1d", "sincos_3d")
+INPUT_NORMS = ("none", "imagenet")
+# VideoMAE's input normalization (ImageNet statistics of RGB in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Model options added after configs were first saved, with the value every model saved without them was
+# trained with: a saved config that lacks one means that value, never the schema's newer default.
+SAVED_MODEL_DEFAULTS: dict[str, Any] = {"pos_embed": "sincos_3d", "input_norm": "none"}
 
 
 class ConfigError(ValueError):
@@ -176,6 +184,13 @@ class MAEConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+    # Fixed position table of the encoder and decoder: `videomae_1d` (VideoMAE's 1D sine-cosine code of
+    # the flattened token index, as Hugging Face transformers' VideoMAE computes it) or `sincos_3d`
+    # (separate codes of t, h and w; what models saved before this option were trained with).
+    pos_embed: str = "videomae_1d"
+    # What the encoder does to its [0, 1] input first: `none`, or `imagenet` ((x - mean) / std per
+    # channel, VideoMAE's preprocessing). Pixel targets are always cut from the [0, 1] clip.
+    input_norm: str = "none"
 
     def resolved(self) -> MAEConfig:
         """A copy with every size the preset decides filled in (explicit values win)."""
@@ -187,6 +202,13 @@ class MAEConfig:
         from lvmae.presets import MODEL_PRESETS
 
         _choice(self.preset, f"{prefix}.preset", tuple(MODEL_PRESETS))
+        _choice(self.pos_embed, f"{prefix}.pos_embed", POS_EMBEDS)
+        _choice(self.input_norm, f"{prefix}.input_norm", INPUT_NORMS)
+        _check(
+            self.input_norm == "none" or self.video.in_chans == len(IMAGENET_MEAN),
+            f"{prefix}.input_norm",
+            f"imagenet needs RGB clips (video.in_chans 3); got in_chans {self.video.in_chans}",
+        )
         cfg = self.resolved()
         cfg.video.validate(f"{prefix}.video")
         cfg.encoder.validate(f"{prefix}.encoder")
@@ -200,6 +222,25 @@ class MAEConfig:
             f"{cfg.masking.encoder_ratio} leaves {n_visible} of {cfg.video.num_tokens} tokens visible "
             f"for grid {cfg.video.grid}; the encoder needs at least one visible and one masked token",
         )
+
+
+def saved_model_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved MAE config (an export's or checkpoint's `model`, as a plain dict) with every option added
+    after it was written set to what it was trained with (SAVED_MODEL_DEFAULTS): a copy, before it is
+    merged onto the schema. Recipes are not saved configs: they get the schema's defaults."""
+    return {**SAVED_MODEL_DEFAULTS, **raw}
+
+
+def load_saved_model_config(path: str | Path) -> MAEConfig:
+    """An exported model's config.yaml -> MAEConfig, old configs read as they were trained (see
+    saved_model_dict). Raises ConfigError as load_config does."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {str(err).strip().splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a model config (a mapping of model options)")
+    return load_config(MAEConfig, [saved_model_dict(raw)])  # type: ignore[arg-type]
 
 
 def num_visible(grid: tuple[int, int, int], kind: str, ratio: float) -> int:

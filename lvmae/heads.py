@@ -6,8 +6,11 @@ fine-tunes it, and the encoder itself rebuilt for another clip length or size.
     logits = probe(encoder(video))                          # (B, N, D) tokens -> (B, num_classes)
     model = VideoClassifier(encoder, num_classes=4)         # VideoMAE fine-tuning: mean pool, norm, linear
 
-The position table is a fixed sine-cosine function of the token grid, so an encoder trained on one grid
-runs on another with the same weights: a 128-frame encoder probed on 32 frames and the reverse.
+The position table (`model.pos_embed`, lvmae.pos_embed.position_table) is a fixed sine-cosine function
+of the token grid, so an encoder trained on one grid runs on another with the same weights: a 128-frame
+encoder probed on 32 frames and the reverse. With `videomae_1d` the new table is that of the new flattened
+token count (as transformers' VideoMAE builds it for its config's num_frames): the first frames' tokens
+keep their codes when only the clip length changes.
 """
 
 from __future__ import annotations

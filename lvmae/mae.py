@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvmae.config import MAEConfig, VideoSpec
+from lvmae.config import IMAGENET_MEAN, IMAGENET_STD, MAEConfig, VideoSpec
 from lvmae.masking import MaskPlan, plan_masks
-from lvmae.pos_embed import sincos_3d
+from lvmae.pos_embed import position_table
 from lvmae.tubelets import gather_tubelets
 from lvmae.vit import Transformer, init_weights
 
@@ -23,6 +23,18 @@ from lvmae.vit import Transformer, init_weights
 def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x (B, N, D), ids (B, K) -> (B, K, D)."""
     return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def input_stats(kind: str, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each (1, C, 1, 1, 1), that the encoder's input norm `kind` applies to [0, 1] clips:
+    ImageNet's for `imagenet`, (0, 1) (the identity) for `none`."""
+    if kind == "imagenet":
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    elif kind == "none":
+        mean, std = torch.zeros(in_chans), torch.ones(in_chans)
+    else:
+        raise ValueError(f"unknown input norm {kind!r}; expected none or imagenet")
+    return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
 
 
 def init_like_mae(module: nn.Module) -> None:
@@ -57,9 +69,10 @@ class TubeletEmbed(nn.Module):
 
 
 class VideoViT(nn.Module):
-    """The encoder: tubelet embedding + fixed 3D sine-cosine positions + transformer.
+    """The encoder: input norm + tubelet embedding + fixed sine-cosine positions + transformer.
 
-    Used by the MAE (on visible tokens only) and, alone, for downstream fine-tuning and probes.
+    Used by the MAE (on visible tokens only) and, alone, for downstream fine-tuning and probes. It takes
+    clips in [0, 1] and applies `model.input_norm` itself, so every caller feeds it the same way.
     """
 
     def __init__(self, cfg: MAEConfig):
@@ -69,7 +82,12 @@ class VideoViT(nn.Module):
         enc = cfg.encoder
         self.dim = enc.embed_dim
         self.patch_embed = TubeletEmbed(cfg.video, enc.embed_dim)
-        self.register_buffer("pos_embed", sincos_3d(enc.embed_dim, cfg.video.grid)[None], persistent=False)
+        self.input_norm = cfg.input_norm
+        mean, std = input_stats(cfg.input_norm, cfg.video.in_chans)
+        self.register_buffer("input_mean", mean, persistent=False)
+        self.register_buffer("input_std", std, persistent=False)
+        table = position_table(cfg.pos_embed, enc.embed_dim, cfg.video.grid)
+        self.register_buffer("pos_embed", table[None], persistent=False)
         self.transformer = Transformer(
             enc.embed_dim,
             enc.depth,
@@ -88,9 +106,16 @@ class VideoViT(nn.Module):
                 f"expected video of shape (B, {', '.join(map(str, expected))}), got {tuple(video.shape)}"
             )
 
+    def normalize(self, video: torch.Tensor) -> torch.Tensor:
+        """The [0, 1] clip as the tubelet embedding sees it (model.input_norm; `none` leaves it as is)."""
+        if self.input_norm == "none":
+            return video
+        return (video - self.input_mean.to(video.dtype)) / self.input_std.to(video.dtype)
+
     def forward(self, video: torch.Tensor, ids_visible: torch.Tensor | None = None) -> torch.Tensor:
-        """video (B, C, T, H, W), ids_visible (B, N_vis) or None for all tokens -> (B, N_vis, D)."""
+        """video (B, C, T, H, W) in [0, 1], ids_visible (B, N_vis) or None for all tokens -> (B, N_vis, D)."""
         self.check_input(video)
+        video = self.normalize(video)
         pos = self.pos_embed.to(video.dtype).expand(video.shape[0], -1, -1)  # (B, N, D)
         if ids_visible is not None:
             pos = _gather(pos, ids_visible)  # (B, N_vis, D)
@@ -127,9 +152,8 @@ class MaskedVideoAutoencoder(nn.Module):
         self.encoder = VideoViT(cfg)
         self.decoder_embed = nn.Linear(enc.embed_dim, dec.embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.embed_dim))
-        self.register_buffer(
-            "decoder_pos_embed", sincos_3d(dec.embed_dim, cfg.video.grid)[None], persistent=False
-        )
+        table = position_table(cfg.pos_embed, dec.embed_dim, cfg.video.grid)
+        self.register_buffer("decoder_pos_embed", table[None], persistent=False)
         self.decoder = Transformer(
             dec.embed_dim,
             dec.depth,

@@ -1,7 +1,17 @@
-"""Fixed 3D sine-cosine position embeddings (pure functions)."""
+"""Fixed sine-cosine position embeddings (pure functions).
+
+Two tables, chosen by `model.pos_embed` (lvmae.config.POS_EMBEDS):
+
+    sincos_3d(dim, grid)          # separate sine-cosine codes of t, h and w, side by side in the channels
+    videomae_1d(dim, num_tokens)  # VideoMAE's: one sine-cosine code of the flattened token index
+    position_table(kind, dim, grid)  # either, for a token grid: what the encoder and decoder hold
+"""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -35,3 +45,34 @@ def sincos_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
         ],
         dim=1,
     )
+
+
+def videomae_1d(dim: int, num_tokens: int) -> torch.Tensor:
+    """(num_tokens, dim): VideoMAE's table over the flattened token index n (patchify's order): channel j
+    holds sin (j even) or cos (j odd) of n / 10000 ** (2 * (j // 2) / dim).
+
+    Computed in float64 with numpy, as VideoMAE and Hugging Face transformers compute it, then rounded to
+    float32: the table equals transformers' `get_sinusoid_encoding_table` bit for bit, so weights trained
+    with it run unchanged in transformers' VideoMAEModel.
+    """
+    if dim < 1 or num_tokens < 1:
+        raise ValueError(f"position table needs dim >= 1 and num_tokens >= 1, got {dim}, {num_tokens}")
+    # The per-channel divisor the way the reference computes it (a scalar numpy power per channel).
+    divisor = np.array([np.power(10000, 2 * (j // 2) / dim) for j in range(dim)], dtype=np.float64)
+    table = np.arange(num_tokens, dtype=np.float64)[:, None] / divisor[None, :]
+    table[:, 0::2] = np.sin(table[:, 0::2])
+    table[:, 1::2] = np.cos(table[:, 1::2])
+    return torch.from_numpy(table).float()
+
+
+def position_table(kind: str, dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """(T'*H'*W', dim) fixed positions of `kind` (`sincos_3d` or `videomae_1d`) for a token grid.
+
+    Both are functions of the grid alone, so a model built for another grid (more frames, a larger
+    clip) gets its own table with the same weights.
+    """
+    if kind == "sincos_3d":
+        return sincos_3d(dim, grid)
+    if kind == "videomae_1d":
+        return videomae_1d(dim, math.prod(grid))
+    raise ValueError(f"unknown position embedding {kind!r}; expected sincos_3d or videomae_1d")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lvmae.config import MAEConfig, load_config, to_yaml
+from lvmae.config import MAEConfig, load_saved_model_config, to_yaml
 
 MAE_WEIGHTS = "model.safetensors"
 MAE_CONFIG = "config.yaml"
@@ -68,7 +68,7 @@ def load_mae(directory: str | os.PathLike[str], device: str | torch.device = "cp
     d = Path(directory)
     if not (d / MAE_CONFIG).is_file() or not (d / MAE_WEIGHTS).is_file():
         raise ValueError(f"{d} is not an exported model: needs {MAE_CONFIG} and {MAE_WEIGHTS}")
-    model = MaskedVideoAutoencoder(load_config(MAEConfig, [d / MAE_CONFIG]))
+    model = MaskedVideoAutoencoder(load_saved_model_config(d / MAE_CONFIG))
     try:
         model.load_state_dict(load_file(d / MAE_WEIGHTS, device="cpu"), strict=True)
     except RuntimeError as err:
@@ -107,7 +107,7 @@ def load_classifier(directory: str | os.PathLike[str], device: str | torch.devic
     if not all((d / f).is_file() for f in (MAE_CONFIG, MAE_WEIGHTS, CLASSES)):
         raise ValueError(f"{d} is not a fine-tuned classifier: needs {MAE_CONFIG}, {MAE_WEIGHTS}, {CLASSES}")
     classes = json.loads((d / CLASSES).read_text())
-    model = VideoClassifier(encoder_for(load_config(MAEConfig, [d / MAE_CONFIG]), None), len(classes))
+    model = VideoClassifier(encoder_for(load_saved_model_config(d / MAE_CONFIG), None), len(classes))
     try:
         model.load_state_dict(load_file(d / MAE_WEIGHTS, device="cpu"), strict=True)
     except RuntimeError as err:

@@ -8,13 +8,14 @@ key (`run.precision: must be one of auto, fp32, bf16; got 'fp16'`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ingest.labels import SPLITS
-from lvmae.config import ConfigError, MAEConfig, TokenizerConfig, load_config, to_yaml
+from lvmae.config import ConfigError, MAEConfig, TokenizerConfig, load_config, saved_model_dict, to_yaml
 
 DECODER_BACKENDS = ("auto", "dali", "pyav")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -155,10 +156,25 @@ def _validate_training(data: DataConfig, optim: OptimConfig, run: RunConfig) -> 
 
 
 @dataclass
+class PretrainModelConfig(MAEConfig):
+    """The model of a pretraining run: an MAEConfig, and the weights it may start from."""
+
+    # An exported MAE (RUN/export, what lvmae.weights.save_mae writes) or its run folder: its encoder (and
+    # its decoder, where the shapes match) start this run instead of a random init. Its tubelet, encoder
+    # sizes, pos_embed and input_norm must be this run's; its clip length and size may differ (the position
+    # tables are fixed functions of the grid). Not part of the model: exports do not carry it.
+    init_from: str | None = None
+
+    def validate(self, prefix: str = "model") -> None:
+        super().validate(prefix)
+        _check(self.init_from is None or bool(self.init_from), f"{prefix}.init_from", "must name an export")
+
+
+@dataclass
 class TrainConfig:
     """Everything one pretraining run needs; saved, resolved, with every run and checkpoint."""
 
-    model: MAEConfig = field(default_factory=MAEConfig)
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -175,7 +191,8 @@ class TrainConfig:
 
     def model_config(self) -> MAEConfig:
         """The model config to build: the preset resolved, and run.activation_checkpointing applied."""
-        cfg = copy.deepcopy(self.model).resolved()
+        model = copy.deepcopy(self.model).resolved()
+        cfg = MAEConfig(**{f.name: getattr(model, f.name) for f in dataclasses.fields(MAEConfig)})
         if self.run.activation_checkpointing:
             cfg.encoder.grad_checkpointing = True
             cfg.decoder.grad_checkpointing = True
@@ -277,6 +294,17 @@ def load_train_config(
     return load_config(TrainConfig, recipe_paths, overrides)
 
 
+def load_saved_train_config(path: str | Path) -> TrainConfig:
+    """A run's or checkpoint's saved config.yaml -> TrainConfig, its model section read as it was trained
+    (lvmae.config.saved_model_dict: options it predates take their old values, not today's defaults)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(raw, dict) or not isinstance(raw.get("model", {}), dict):
+        raise ConfigError(f"{path}: not a training config")
+    return load_train_config([{**raw, "model": saved_model_dict(raw.get("model", {}))}])
+
+
 def load_tokenizer_train_config(
     recipe_paths: Iterable[str | Path | dict[str, Any]] = (), overrides: Sequence[str] = ()
 ) -> TokenizerTrainConfig:
@@ -296,10 +324,12 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneSpec",
     "OptimConfig",
+    "PretrainModelConfig",
     "RunConfig",
     "TokenizerTrainConfig",
     "TrainConfig",
     "load_finetune_config",
+    "load_saved_train_config",
     "load_tokenizer_train_config",
     "load_train_config",
     "redacted",

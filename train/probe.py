@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lvmae.config import ConfigError, MAEConfig, load_config
+from lvmae.config import ConfigError, MAEConfig, load_saved_model_config
 from lvmae.errors import UserError
 from lvmae.heads import AttentiveProbe, check_encoder_state, encoder_config, encoder_for
 from lvmae.mae import VideoViT
@@ -87,7 +87,7 @@ def load_source(source: str) -> tuple[MAEConfig, dict[str, torch.Tensor], str]:
         path = path / "export"
     if (path / MAE_CONFIG).is_file() and (path / MAE_WEIGHTS).is_file():
         try:
-            cfg = load_config(MAEConfig, [path / MAE_CONFIG])
+            cfg = load_saved_model_config(path / MAE_CONFIG)
         except ConfigError as err:
             raise UserError(f"{path / MAE_CONFIG} is not an LVMAE model config: {err}") from None
         return cfg.resolved(), load_file(path / MAE_WEIGHTS, device="cpu"), f"export {path}"
@@ -127,10 +127,10 @@ def _from_checkpoint(path: Path) -> tuple[MAEConfig, dict[str, torch.Tensor], st
     (DeepSpeed's zero_to_fp32; the files are this project's own checkpoints)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from train.config import load_train_config
+    from train.config import load_saved_train_config
 
     try:
-        cfg = load_train_config([path / "config.yaml"]).model_config()
+        cfg = load_saved_train_config(path / "config.yaml").model_config()
     except ConfigError as err:
         raise UserError(f"{path} is not a checkpoint of `lvmae train mae`: {err}") from None
     state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)

@@ -10,6 +10,8 @@ Optional hooks the trainer calls when a task has them: `labels` (the loader adds
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvmae.config import ConfigError
-from lvmae.heads import VideoClassifier, check_encoder_state, encoder_config, encoder_for, layer_id
+from lvmae.config import ConfigError, MAEConfig
+from lvmae.heads import (
+    ENCODER_PREFIX,
+    VideoClassifier,
+    check_encoder_state,
+    encoder_config,
+    encoder_for,
+    layer_id,
+)
 from lvmae.losses import mae_loss
 from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.tokenizer import Tokenizer, save_tokenizer, tokenizer_loss
@@ -38,8 +47,48 @@ def _check_clips(spec: dict[str, Any], num_frames: int, img_size: int, key: str,
         )
 
 
+# What a pretrained MAE and a run it starts must agree on (model.init_from): the encoder's tensor shapes
+# and what its weights mean. The clip length and size may differ: positions are recomputed for the grid.
+INIT_KEYS = (
+    "video.in_chans",
+    "video.tubelet_size",
+    "video.patch_size",
+    "encoder.embed_dim",
+    "encoder.depth",
+    "encoder.num_heads",
+    "encoder.mlp_ratio",
+    "encoder.qkv_bias",
+    "pos_embed",
+    "input_norm",
+)
+
+
+def init_mismatches(source: MAEConfig, run: MAEConfig) -> list[str]:
+    """The INIT_KEYS on which a run's model config (resolved) differs from its init_from's, as
+    "model.KEY RUN (the source's: SOURCE)"; empty when the source's encoder can start the run."""
+    out = []
+    for key in INIT_KEYS:
+        mine, theirs = (functools.reduce(getattr, key.split("."), c) for c in (run, source))
+        if mine != theirs:
+            out.append(f"model.{key} {mine!r} (the source's: {theirs!r})")
+    return out
+
+
+def first_misfit(
+    state: dict[str, torch.Tensor], source: dict[str, torch.Tensor], keys: list[str]
+) -> str | None:
+    """The first of `keys` that `source` lacks or holds in another shape than `state`, said; None if all fit."""
+    for k in keys:
+        if k not in source:
+            return f"no {k}"
+        if source[k].shape != state[k].shape:
+            return f"{k} {tuple(source[k].shape)}, this run's {tuple(state[k].shape)}"
+    return None
+
+
 class MAETask:
-    """Masked video autoencoder pretraining: pixel or token targets, any decoder masking."""
+    """Masked video autoencoder pretraining: pixel or token targets, any decoder masking; from a random
+    init or, with model.init_from, from an exported MAE's weights."""
 
     name = "mae"
     export_dir = "export"  # under run.out: model.safetensors + config.yaml (lvmae.weights.load_mae)
@@ -52,6 +101,45 @@ class MAETask:
         self.needs_priority = masking.decoder == "adaptive"
         self.tokens = cfg.data.tokens if (self.needs_codes or self.needs_priority) else None
         self.tokens_per_sample = self.model_cfg.video.num_tokens
+        self.init_from = getattr(cfg.model, "init_from", None)
+        self._init_state: dict[str, torch.Tensor] | None = None
+        if self.init_from:
+            self._init_state, self._init_source = self._load_init(self.init_from)
+
+    def _load_init(self, source: str) -> tuple[dict[str, torch.Tensor], str]:
+        """The MAE state dict of model.init_from, checked against this run (one ConfigError naming what
+        differs, or UserError when it is not an export, run or checkpoint folder)."""
+        from train.probe import load_source
+
+        src_cfg, state, what = load_source(source)
+        diffs = init_mismatches(src_cfg, self.model_cfg)
+        if diffs:
+            raise ConfigError(f"model.init_from: {what} cannot start this run: {'; '.join(diffs)}")
+        check_encoder_state(self.model_cfg, state, f"model.init_from: {what}")
+        return state, what
+
+    def initial_state(self) -> dict[str, torch.Tensor] | None:
+        """model.init_from's encoder, and its decoder (decoder_embed, mask_token, decoder, head) when it has
+        every one of those tensors in this run's shapes; else the decoder keeps the fresh init this run's
+        seed gives. None without init_from (the model keeps its own init). Positions are not weights: the
+        model's tables are those of this run's grid."""
+        if self._init_state is None:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.run.seed)
+            state = MaskedVideoAutoencoder(self.model_cfg).state_dict()
+        src = self._init_state
+        state.update({k: src[k] for k in state if k.startswith(ENCODER_PREFIX)})
+        rest = [k for k in state if not k.startswith(ENCODER_PREFIX)]
+        misfit = first_misfit(state, src, rest)
+        if misfit is None:
+            state.update({k: src[k] for k in rest})
+            said = "encoder and decoder"
+        else:
+            said = f"encoder; the decoder keeps its fresh init ({misfit})"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"model.init_from: {said} from {self._init_source}", flush=True)
+        return state
 
     def check_data(self, clip_spec: dict[str, Any], token_attrs: dict[str, Any] | None, url: str) -> None:
         v = self.model_cfg.video

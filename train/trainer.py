@@ -230,6 +230,27 @@ def pick_checkpoint(ckpts: Checkpoints, resume: str) -> Path | None:
     return ckpts.named(resume)
 
 
+def check_resumed_model(saved_config: Path, cfg: Any, where: str) -> None:
+    """Refuse to resume a checkpoint under model options that change what its weights mean without
+    changing their shapes (position table, input normalization). A checkpoint saved before an option
+    existed was trained with its old value (lvmae.config.saved_model_dict), whatever today's default."""
+    from omegaconf import OmegaConf
+
+    from lvmae.config import saved_model_dict
+
+    model = getattr(cfg, "model", None)
+    if model is None or not hasattr(model, "pos_embed") or not saved_config.is_file():
+        return
+    raw = OmegaConf.to_container(OmegaConf.load(saved_config))
+    saved = saved_model_dict((raw or {}).get("model") or {}) if isinstance(raw, dict) else {}
+    for key in ("pos_embed", "input_norm"):
+        if key in saved and saved[key] != getattr(model, key):
+            raise CheckpointError(
+                f"{where} was trained with model.{key}={saved[key]}, this run has model.{key}="
+                f"{getattr(model, key)}: pass model.{key}={saved[key]} to resume it"
+            )
+
+
 class StoreOutage(UserError):
     """The store stayed unreachable past data.retry_deadline_s: the run stopped between two steps."""
 
@@ -299,6 +320,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
     log = TrainLog(out / LOG_FILE, enabled=dist.rank == 0)
     if start is not None:
         step, state = ckpts.load(engine, start)
+        check_resumed_model(start / CONFIG_FILE, cfg, ckpts.where(start))
         loader.load_state_dict(state["loader"])
         if run.remote and dist.rank == 0:
             run.download(LOG_FILE)  # uploaded before the checkpoint's commit: it reaches (at least) its step

@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
     from ingest.cli import add_parser as add_ingest
+    from lvmae.hf_cli import add_parsers as add_hf_parsers
     from train.cli import add_eval_parser, add_finetune_parser, add_launch_parser, add_train_parser
 
     add_ingest(sub)
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub)
     add_launch_parser(sub)
     add_eval_parser(sub)
+    add_hf_parsers(sub)
     return parser
 
 

@@ -1,0 +1,181 @@
+"""`lvmae export hf` and `lvmae import`: the files around lvmae.hf's pure conversions.
+
+    lvmae export hf RUN/export --out hf-model [--num-classes 4]   # config.json, model.safetensors,
+                                                                  # preprocessor_config.json
+    lvmae import hf-model --out imported                         # a transformers VideoMAE directory
+    lvmae import videomae_vitb.pth --out imported --frames 16    # an original VideoMAE checkpoint
+
+An import is an lvmae export folder (model.safetensors + config.yaml) that `lvmae train mae
+model.init_from=DIR`, `lvmae eval probe DIR` and `lvmae finetune` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lvmae import hf
+from lvmae.config import ConfigError, load_saved_model_config
+from lvmae.errors import UserError
+from lvmae.weights import (
+    CLASSES,
+    MAE_CONFIG,
+    MAE_WEIGHTS,
+    replace_atomically,
+    save_mae,
+    write_text_atomically,
+)
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_PROCESSOR = "preprocessor_config.json"
+
+
+def _export_dir(path: Path) -> Path:
+    for d in (path, path / "export"):
+        if (d / MAE_CONFIG).is_file() and (d / MAE_WEIGHTS).is_file():
+            return d
+    raise UserError(
+        f"{path} is not an lvmae export ({MAE_CONFIG} + {MAE_WEIGHTS}) nor a run folder with export/"
+    )
+
+
+def export_hf(source: str, out: str, num_classes: int | None = None) -> list[str]:
+    """Write a transformers VideoMAE folder for an lvmae export; -> what was done, one line each."""
+    src = _export_dir(Path(source))
+    cfg = load_saved_model_config(src / MAE_CONFIG)
+    state = load_file(src / MAE_WEIGHTS, device="cpu")
+    said = []
+    try:
+        if (src / CLASSES).is_file():
+            hf_state, hf_cfg = hf.classifier_to_hf(state, cfg, json.loads((src / CLASSES).read_text()))
+        elif num_classes is not None:
+            hf_state, hf_cfg = hf.new_classifier_to_hf(state, cfg, num_classes)
+            said.append(
+                f"VideoMAEForVideoClassification with a freshly initialised {num_classes}-class head "
+                "(fc_norm + classifier); the encoder's final norm is dropped, as VideoMAE fine-tuning does"
+            )
+        else:
+            hf_state, hf_cfg = hf.encoder_to_hf(state, cfg)
+            said.append("VideoMAEModel (use_mean_pooling false: last_hidden_state = lvmae's encoder output)")
+        processor = hf.preprocessor_config(cfg)
+    except (hf.ConversionError, ConfigError) as err:
+        raise UserError(f"{src}: {err}") from None
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in hf_state.items()}
+    replace_atomically(d, HF_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_text_atomically(d / HF_PROCESSOR, json.dumps(processor, indent=2) + "\n")
+    write_text_atomically(d / HF_CONFIG, json.dumps(hf_cfg, indent=2) + "\n")
+    said.append(f"wrote {d / HF_CONFIG}, {d / HF_WEIGHTS}, {d / HF_PROCESSOR} (input_norm {cfg.input_norm})")
+    return said
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(path, device="cpu")
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors vary: one line, no traceback
+        raise UserError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({type(err).__name__})"
+        ) from None
+    return hf.unwrap_checkpoint(obj)
+
+
+def read_source(
+    source: str, num_frames: int | None, img_size: int | None, num_heads: int | None
+) -> tuple[dict[str, torch.Tensor], Any, list[str]]:
+    """A transformers VideoMAE folder or an original checkpoint file -> (lvmae state, MAEConfig, notes)."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / HF_CONFIG).is_file():
+            raise UserError(f"{path} has no {HF_CONFIG}: not a transformers VideoMAE folder")
+        weights = [path / n for n in (HF_WEIGHTS, "pytorch_model.bin") if (path / n).is_file()]
+        if not weights:
+            raise UserError(f"{path} has neither {HF_WEIGHTS} nor pytorch_model.bin")
+        processor = json.loads((path / HF_PROCESSOR).read_text()) if (path / HF_PROCESSOR).is_file() else None
+        state = _load_tensors(weights[0])
+        config = json.loads((path / HF_CONFIG).read_text())
+        return hf.hf_to_lvmae(state, config, processor, num_frames, img_size)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    if path.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
+        raise UserError(
+            f"{path}: expected a .pth, .pt, .bin or .safetensors checkpoint, or a transformers folder"
+        )
+    return hf.original_to_lvmae(_load_tensors(path), num_frames or 16, img_size or 224, num_heads)
+
+
+def import_weights(
+    source: str,
+    out: str,
+    num_frames: int | None = None,
+    img_size: int | None = None,
+    num_heads: int | None = None,
+) -> list[str]:
+    """Convert and write an lvmae export folder; -> notes, one line each."""
+    from lvmae.mae import MaskedVideoAutoencoder
+
+    try:
+        state, cfg, notes = read_source(source, num_frames, img_size, num_heads)
+        cfg.validate()
+    except (hf.ConversionError, ConfigError) as err:
+        raise UserError(f"{source}: {err}") from None
+    torch.manual_seed(0)
+    model = MaskedVideoAutoencoder(cfg)
+    own = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} (needs {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    unknown = sorted(set(state) - set(own))
+    if wrong or unknown:
+        raise UserError(f"{source}: weights do not fit the inferred model: {(wrong + unknown)[0]}")
+    own.update(state)
+    save_mae(own, cfg, out)
+    v, e = cfg.video, cfg.encoder
+    notes.append(
+        f"wrote {Path(out) / MAE_WEIGHTS} and {MAE_CONFIG}: encoder {e.embed_dim}/{e.depth}/{e.num_heads}, "
+        f"{v.num_frames} frames of {v.img_size} px, tubelet {v.tubelet_size}x{v.patch_size}, "
+        f"input_norm {cfg.input_norm}"
+    )
+    return notes
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    for line in export_hf(args.source, args.out, args.num_classes):
+        print(line)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    for line in import_weights(args.source, args.out, args.frames, args.size, args.heads):
+        print(line)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """`lvmae export hf` and `lvmae import`."""
+    export = sub.add_parser("export", help="write lvmae weights in another library's layout")
+    fmt = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    p = fmt.add_parser("hf", help="a transformers VideoMAE folder (docs/weights.md)")
+    p.add_argument("source", help="an lvmae export folder (RUN/export) or its run folder")
+    p.add_argument("--out", required=True, help="the transformers folder to write")
+    p.add_argument("--num-classes", type=int, help="VideoMAEForVideoClassification with a fresh head")
+    p.set_defaults(func=cmd_export_hf)
+    imp = sub.add_parser(
+        "import", help="VideoMAE weights (transformers folder or original checkpoint) -> lvmae"
+    )
+    imp.add_argument("source", help="a transformers VideoMAE folder, or an original .pth / .safetensors")
+    imp.add_argument("--out", required=True, help="the lvmae export folder to write")
+    imp.add_argument("--frames", type=int, help="clip length (default: the config's, or 16)")
+    imp.add_argument("--size", type=int, help="clip side in pixels (default: the config's, or 224)")
+    imp.add_argument("--heads", type=int, help="attention heads, for a non-standard width")
+    imp.set_defaults(func=cmd_import)

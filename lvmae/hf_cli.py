@@ -76,6 +76,25 @@ def export_hf(source: str, out: str, num_classes: int | None = None) -> list[str
     return said
 
 
+def check_export(source: str, hf_dir: str, clip: torch.Tensor) -> float:
+    """Max abs difference between an lvmae export's encoder output and transformers' VideoMAEModel loaded
+    from its `lvmae export hf` folder, on one uint8 clip (3, T, H, W), each through its own input path
+    (lvmae: x / 255; transformers: the exported preprocessor). Needs the transformers package."""
+    import transformers
+
+    from lvmae.weights import load_mae
+
+    model = load_mae(_export_dir(Path(source))).eval()
+    theirs = transformers.VideoMAEModel.from_pretrained(hf_dir).eval()
+    processor = transformers.VideoMAEImageProcessor.from_pretrained(hf_dir)
+    frames = list(clip.permute(1, 2, 3, 0).numpy())  # T x (H, W, C) uint8
+    pixels = processor(frames, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ours = model.encoder(clip[None].float() / 255)
+        out = theirs(pixels).last_hidden_state
+    return float((out - ours).abs().max())
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(path, device="cpu")

@@ -28,6 +28,8 @@ def test_demo_runs_end_to_end_with_few_steps(tmp_path, store):
     probe = summary["probe"]
     assert probe["task"] == "order" and probe["num_test_clips"] == 6 and probe["chance"] == 0.5
     assert 0 <= probe["pretrained_top1"] <= 1 and 0 <= probe["random_init_top1"] <= 1
+    # the pretrained encoder exports to transformers' VideoMAEModel with the same features
+    assert summary["hf_export"]["max_abs_diff"] < 1e-4, summary["hf_export"]
     assert "probe on `order` (6 held-out test clips" in run.stdout
     assert summary["store"] == (str(out / "data") if store == "local" else "s3://lvmae-demo/data")
     art = summary["artefacts"]

@@ -218,6 +218,13 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         probes[kind] = run_probe(str(mae_run / "export"), data, cfg, out=str(out / "probe" / kind))
         print(f"  {summary_line(probes[kind])}", flush=True)
 
+    hf_export = export_to_transformers(mae_run / "export", data, out / "hf")
+    print(
+        f"  lvmae export hf -> {hf_export['dir']}: transformers' VideoMAEModel gives the same features "
+        f"(max abs difference {hf_export['max_abs_diff']:.2g} on a test clip)",
+        flush=True,
+    )
+
     print("6/6 figure: one clip, its priorities, masks and reconstructions", flush=True)
     figure, accuracy = draw(data, tokens.tokenizer_id, tok_run / "tokenizer", mae_run / "export", out)
     tok_log, mae_log = read_log(tok_run / "train_log.jsonl"), read_log(mae_run / "train_log.jsonl")
@@ -239,6 +246,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         "mae_steps": [r["step"] for r in mae_log][-1],
         "clips_per_s": {"tokenizer": runs["tokenizer"]["clips_per_s"], "mae": runs["mae"]["clips_per_s"]},
         "selected_code_accuracy": round(accuracy, 3),
+        "hf_export": hf_export,
         "probe": {
             "pretrained_top1": test["pretrained"]["top1"],
             "random_init_top1": test["random_init"]["top1"],
@@ -264,6 +272,21 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
             "probe_confusion": probes["pretrained"]["confusion_png"],
         },
     }
+
+
+def export_to_transformers(export: Path, data: str, out: Path) -> dict:
+    """`lvmae export hf` of the pretrained encoder, loaded back by transformers' VideoMAEModel and compared
+    with lvmae's encoder on one test clip."""
+    import torch
+
+    from lvmae.hf_cli import check_export, export_hf
+    from train.loader import ClipLoader
+
+    export_hf(str(export), str(out))
+    loader = ClipLoader(data, 1, decoder="pyav", shuffle_buffer=0, epochs=1, split="test")
+    video = next(iter(loader))["video"][0]  # (3, T, H, W) = uint8 / 255: rounds back exactly
+    clip = (video * 255).round().clamp(0, 255).to(torch.uint8)
+    return {"dir": str(out), "max_abs_diff": check_export(str(export), str(out), clip)}
 
 
 def draw(data: str, tokenizer_id: str, tokenizer_dir: Path, export: Path, out: Path) -> tuple[Path, float]:

@@ -35,6 +35,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Model options added after configs were first saved, with the value every model saved without them was
 # trained with: a saved config that lacks one means that value, never the schema's newer default.
 SAVED_MODEL_DEFAULTS: dict[str, Any] = {"pos_embed": "sincos_3d", "input_norm": "none"}
+# How a fine-tuned classifier pools the encoder's tokens (lvmae.heads.VideoClassifier): `videomae` (mean of
+# the last block's tokens, VideoMAE's fine-tuning head) or `norm_mean` (the encoder's final norm on every
+# token, then the mean). The same rule for classifier options: a classifier saved without one was trained
+# with the value here.
+POOLINGS = ("videomae", "norm_mean")
+SAVED_CLASSIFIER_DEFAULTS: dict[str, Any] = {"pooling": "norm_mean"}
 
 
 class ConfigError(ValueError):
@@ -229,6 +235,13 @@ def saved_model_dict(raw: dict[str, Any]) -> dict[str, Any]:
     after it was written set to what it was trained with (SAVED_MODEL_DEFAULTS): a copy, before it is
     merged onto the schema. Recipes are not saved configs: they get the schema's defaults."""
     return {**SAVED_MODEL_DEFAULTS, **raw}
+
+
+def saved_classifier_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved classifier's options (an export's classifier.json, as a plain dict; {} for exports written
+    before the file existed) with every option it predates set to what it was trained with
+    (SAVED_CLASSIFIER_DEFAULTS): a copy."""
+    return {**SAVED_CLASSIFIER_DEFAULTS, **raw}
 
 
 def load_saved_model_config(path: str | Path) -> MAEConfig:

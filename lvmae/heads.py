@@ -4,7 +4,7 @@ fine-tunes it, and the encoder itself rebuilt for another clip length or size.
     encoder = encoder_for(mae_cfg, state, num_frames=32)    # VideoViT, positions recomputed for the grid
     probe = AttentiveProbe(encoder.dim, num_classes=4)      # V-JEPA's probe: query cross-attention + linear
     logits = probe(encoder(video))                          # (B, N, D) tokens -> (B, num_classes)
-    model = VideoClassifier(encoder, num_classes=4)         # VideoMAE fine-tuning: mean pool, norm, linear
+    model = VideoClassifier(encoder, 4, pooling="videomae")  # VideoMAE fine-tuning: mean pool, norm, linear
 
 The position table (`model.pos_embed`, lvmae.pos_embed.position_table) is a fixed sine-cosine function
 of the token grid, so an encoder trained on one grid runs on another with the same weights: a 128-frame
@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvmae.config import ConfigError, MAEConfig
+from lvmae.config import POOLINGS, ConfigError, MAEConfig
 from lvmae.mae import VideoViT, init_like_mae
 from lvmae.vit import Mlp, init_weights
 
 ENCODER_PREFIX = "encoder."
+# fc_norm's eps per pooling: transformers' VideoMAEForVideoClassification fixes 1e-5 (its LayerNorm default).
+FC_NORM_EPS = {"videomae": 1e-5, "norm_mean": 1e-6}
 
 
 def encoder_config(cfg: MAEConfig, num_frames: int | None = None, img_size: int | None = None) -> MAEConfig:
@@ -151,13 +153,28 @@ class AttentiveProbe(nn.Module):
 
 
 class VideoClassifier(nn.Module):
-    """Fine-tuning: the encoder on every token, mean pooling, layer norm (VideoMAE's fc_norm), linear."""
+    """Fine-tuning: the encoder on every token, mean pooling, layer norm (VideoMAE's fc_norm), linear.
 
-    def __init__(self, encoder: VideoViT, num_classes: int, head_dropout: float = 0.0):
+    pooling (lvmae.config.POOLINGS): `videomae` is VideoMAE's fine-tuning head, transformers'
+    VideoMAEForVideoClassification with use_mean_pooling: the encoder's final norm is removed (its module
+    becomes an identity, so the mean is over the last block's tokens) and fc_norm has eps 1e-5, as there.
+    `norm_mean` keeps the final norm on every token before the mean, and fc_norm eps 1e-6: what classifiers
+    saved before the option were trained with (lvmae.config.SAVED_CLASSIFIER_DEFAULTS), and the default here
+    for that reason; `lvmae finetune` builds `videomae` ones unless told otherwise (finetune.pooling).
+    """
+
+    def __init__(
+        self, encoder: VideoViT, num_classes: int, head_dropout: float = 0.0, pooling: str = "norm_mean"
+    ):
         super().__init__()
+        if pooling not in FC_NORM_EPS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
         dim = encoder.dim
+        if pooling == "videomae":
+            encoder.transformer.norm = nn.Identity()  # no parameter left unused by the forward pass
+        self.pooling = pooling
         self.encoder = encoder
-        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(dim, eps=FC_NORM_EPS[pooling])
         self.dropout = nn.Dropout(head_dropout)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)

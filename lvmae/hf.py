@@ -2,6 +2,7 @@
 
     hf_state, hf_cfg = encoder_to_hf(mae_state, mae_cfg)          # -> VideoMAEModel (config.json dict)
     hf_state, hf_cfg = new_classifier_to_hf(mae_state, mae_cfg, 4)  # -> VideoMAEForVideoClassification
+    hf_state, hf_cfg = classifier_to_hf(clf_state, clf_cfg, classes, "videomae")  # a fine-tuned one, too
     processor = preprocessor_config(mae_cfg)                       # -> preprocessor_config.json dict
     state, cfg, notes = hf_to_lvmae(hf_state, hf_cfg, processor)   # a transformers VideoMAE -> lvmae
     state, cfg, notes = original_to_lvmae(pth_state, num_frames=16, img_size=224)
@@ -18,9 +19,10 @@ what does not (docs/weights.md):
 - LayerNorm eps: lvmae's are 1e-6 (VideoMAE's training value); exports say so in `layer_norm_eps`.
 - Final norm: VideoMAEModel applies its `layernorm` only with use_mean_pooling=False, which is how encoders
   are exported (features = lvmae's encoder output). A classification export needs use_mean_pooling=True,
-  where transformers has no per-token final norm: lvmae's VideoClassifier (final norm on every token, mean,
-  fc_norm) cannot be written exactly and is refused; a fresh head on a pretrained encoder drops the final
-  norm, as VideoMAE's own fine-tuning does.
+  where transformers has no per-token final norm: a fresh head on a pretrained encoder drops the final
+  norm, as VideoMAE's own fine-tuning does; a fine-tuned classifier maps exactly when it was trained with
+  `finetune.pooling: videomae` (no final norm, fc_norm eps 1e-5 as in transformers), and one trained with
+  `norm_mean` (final norm on every token, then the mean) is refused.
 """
 
 from __future__ import annotations
@@ -140,12 +142,9 @@ def check_exportable(cfg: MAEConfig) -> None:
         raise ConversionError(f"model.encoder.mlp_ratio {e.mlp_ratio} gives a fractional MLP width")
 
 
-def encoder_to_hf(state: Tensors, cfg: MAEConfig, prefix: str = "") -> tuple[Tensors, dict[str, Any]]:
-    """An lvmae encoder (MAE state or VideoViT state) -> (VideoMAEModel state, config.json dict).
-
-    use_mean_pooling=False, so VideoMAEModel's last_hidden_state is lvmae's encoder output (the final
-    `layernorm` is lvmae's final norm). `prefix` ("videomae.") nests the state for a task model.
-    """
+def _blocks_to_hf(state: Tensors, cfg: MAEConfig, prefix: str) -> Tensors:
+    """The embedding and blocks of an lvmae encoder (MAE, VideoViT or VideoClassifier state) -> transformers
+    names under `prefix`; the final norm is the caller's."""
     check_exportable(cfg)
     src = encoder_state(state)
     depth = cfg.resolved().encoder.depth
@@ -154,14 +153,32 @@ def encoder_to_hf(state: Tensors, cfg: MAEConfig, prefix: str = "") -> tuple[Ten
             src, "patch_embed.proj.weight", "lvmae"
         ),
         prefix + "embeddings.patch_embeddings.projection.bias": _take(src, "patch_embed.proj.bias", "lvmae"),
-        prefix + "layernorm.weight": _take(src, "transformer.norm.weight", "lvmae"),
-        prefix + "layernorm.bias": _take(src, "transformer.norm.bias", "lvmae"),
     }
     if _depth(src, BLOCKS) != depth:
         raise ConversionError(f"the state has {_depth(src, BLOCKS)} blocks, the config {depth}")
     for i in range(depth):
         out.update(_block_to_hf(src, f"{BLOCKS}{i}.", f"{prefix}encoder.layer.{i}."))
+    return out
+
+
+def encoder_to_hf(state: Tensors, cfg: MAEConfig, prefix: str = "") -> tuple[Tensors, dict[str, Any]]:
+    """An lvmae encoder (MAE state or VideoViT state) -> (VideoMAEModel state, config.json dict).
+
+    use_mean_pooling=False, so VideoMAEModel's last_hidden_state is lvmae's encoder output (the final
+    `layernorm` is lvmae's final norm). `prefix` ("videomae.") nests the state for a task model.
+    """
+    out = _blocks_to_hf(state, cfg, prefix)
+    src = encoder_state(state)
+    out[prefix + "layernorm.weight"] = _take(src, "transformer.norm.weight", "lvmae")
+    out[prefix + "layernorm.bias"] = _take(src, "transformer.norm.bias", "lvmae")
     return out, hf_config(cfg, use_mean_pooling=False)
+
+
+def _class_names(classes: list[str] | None, num_classes: int) -> list[str]:
+    names = list(classes) if classes is not None else [f"class_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ConversionError(f"{len(names)} class names for {num_classes} classes")
+    return names
 
 
 def new_classifier_to_hf(
@@ -173,11 +190,8 @@ def new_classifier_to_hf(
     dropped (as VideoMAE drops its pretrained `encoder.norm` when fine-tuning); fc_norm starts at unit
     scale and zero shift, the classifier at trunc-normal(0.02) weights and zero biases (lvmae's init).
     """
-    names = list(classes) if classes is not None else [f"class_{i}" for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise ConversionError(f"{len(names)} class names for {num_classes} classes")
-    hf, _ = encoder_to_hf(state, cfg, prefix="videomae.")
-    del hf["videomae.layernorm.weight"], hf["videomae.layernorm.bias"]
+    names = _class_names(classes, num_classes)
+    hf = _blocks_to_hf(state, cfg, prefix="videomae.")
     dim = cfg.resolved().encoder.embed_dim
     gen = torch.Generator().manual_seed(seed)
     weight = torch.empty(num_classes, dim)
@@ -193,21 +207,41 @@ def new_classifier_to_hf(
     return hf, hf_config(cfg, use_mean_pooling=True, classes=names)
 
 
-def classifier_to_hf(state: Tensors, cfg: MAEConfig, classes: list[str]) -> tuple[Tensors, dict[str, Any]]:
-    """A fine-tuned lvmae VideoClassifier -> VideoMAEForVideoClassification: refused, as it is not exact.
+def classifier_to_hf(
+    state: Tensors, cfg: MAEConfig, classes: list[str], pooling: str
+) -> tuple[Tensors, dict[str, Any]]:
+    """A fine-tuned lvmae VideoClassifier -> VideoMAEForVideoClassification (state, config.json dict).
 
-    lvmae's classifier applies the encoder's final LayerNorm to every token, then mean-pools, then fc_norm
-    (eps 1e-6). VideoMAEForVideoClassification mean-pools only with use_mean_pooling=True, which removes the
-    per-token final norm, and its fc_norm has eps 1e-5; with use_mean_pooling=False it classifies the first
-    token instead of the mean. No configuration reproduces the classifier's logits.
+    Pooling `videomae` (lvmae.heads.VideoClassifier) is that model with use_mean_pooling=True: the mean of
+    the last block's tokens (the classifier has no final norm), fc_norm (eps 1e-5 on both sides), then the
+    linear head, which becomes `classifier`. Pooling `norm_mean` is refused: it normalizes every token
+    (the encoder's final norm) before the mean, which transformers' mean-pooling model has no place for,
+    and with use_mean_pooling=False it classifies the first token instead of the mean.
     """
+    if pooling != "videomae":
+        raise ConversionError(
+            f"this classifier was fine-tuned with pooling {pooling!r}: it normalizes every token (the "
+            "encoder's final norm) before mean pooling, and VideoMAEForVideoClassification has no such norm "
+            "when it mean-pools, so its logits would differ. Fine-tune with finetune.pooling=videomae "
+            "(the default), or export the pretrained encoder with --num-classes and fine-tune in transformers"
+        )
     if "encoder.transformer.norm.weight" in state:
         raise ConversionError(
-            "a fine-tuned lvmae classifier normalizes every token (the encoder's final norm) before mean "
-            "pooling; VideoMAEForVideoClassification has no such norm when it mean-pools, so its logits "
-            "would differ. Export the pretrained encoder with --num-classes and fine-tune in transformers"
+            "the classifier says pooling 'videomae' but its weights hold the encoder's final norm "
+            "(encoder.transformer.norm), which only 'norm_mean' classifiers have"
         )
-    raise ConversionError("not an lvmae VideoClassifier state (no encoder.transformer.norm)")
+    head = _take(state, "head.weight", "lvmae classifier")
+    names = _class_names(classes, head.shape[0])
+    hf = _blocks_to_hf(state, cfg, prefix="videomae.")
+    hf.update(
+        {
+            "fc_norm.weight": _take(state, "fc_norm.weight", "lvmae classifier"),
+            "fc_norm.bias": _take(state, "fc_norm.bias", "lvmae classifier"),
+            "classifier.weight": head,
+            "classifier.bias": _take(state, "head.bias", "lvmae classifier"),
+        }
+    )
+    return hf, hf_config(cfg, use_mean_pooling=True, classes=names)
 
 
 def preprocessor_config(cfg: MAEConfig) -> dict[str, Any]:

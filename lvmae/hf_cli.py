@@ -2,6 +2,7 @@
 
     lvmae export hf RUN/export --out hf-model [--num-classes 4]   # config.json, model.safetensors,
                                                                   # preprocessor_config.json
+    lvmae export hf FINETUNE_RUN --out hf-classifier             # VideoMAEForVideoClassification
     lvmae import hf-model --out imported                         # a transformers VideoMAE directory
     lvmae import videomae_vitb.pth --out imported --frames 16    # an original VideoMAE checkpoint
 
@@ -26,6 +27,7 @@ from lvmae.weights import (
     CLASSES,
     MAE_CONFIG,
     MAE_WEIGHTS,
+    load_classifier_options,
     replace_atomically,
     save_mae,
     write_text_atomically,
@@ -53,7 +55,13 @@ def export_hf(source: str, out: str, num_classes: int | None = None) -> list[str
     said = []
     try:
         if (src / CLASSES).is_file():
-            hf_state, hf_cfg = hf.classifier_to_hf(state, cfg, json.loads((src / CLASSES).read_text()))
+            classes = json.loads((src / CLASSES).read_text())
+            pooling = load_classifier_options(src)["pooling"]
+            hf_state, hf_cfg = hf.classifier_to_hf(state, cfg, classes, pooling)
+            said.append(
+                f"VideoMAEForVideoClassification of the fine-tuned {len(classes)}-class classifier "
+                "(pooling videomae: mean of the last block's tokens, fc_norm, classifier)"
+            )
         elif num_classes is not None:
             hf_state, hf_cfg = hf.new_classifier_to_hf(state, cfg, num_classes)
             said.append(
@@ -66,6 +74,8 @@ def export_hf(source: str, out: str, num_classes: int | None = None) -> list[str
         processor = hf.preprocessor_config(cfg)
     except (hf.ConversionError, ConfigError) as err:
         raise UserError(f"{src}: {err}") from None
+    except ValueError as err:  # an unreadable classifier.json
+        raise UserError(str(err)) from None
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in hf_state.items()}

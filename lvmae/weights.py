@@ -13,11 +13,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lvmae.config import MAEConfig, load_saved_model_config, to_yaml
+from lvmae.config import POOLINGS, MAEConfig, load_saved_model_config, saved_classifier_dict, to_yaml
 
 MAE_WEIGHTS = "model.safetensors"
 MAE_CONFIG = "config.yaml"
@@ -77,13 +78,20 @@ def load_mae(directory: str | os.PathLike[str], device: str | torch.device = "cp
 
 
 CLASSES = "classes.json"
+CLASSIFIER = "classifier.json"  # the classifier's own options (pooling); exports before it have none
 
 
 def save_classifier(
-    state: dict[str, torch.Tensor], cfg: MAEConfig, classes: list[str], directory: str | os.PathLike[str]
+    state: dict[str, torch.Tensor],
+    cfg: MAEConfig,
+    classes: list[str],
+    directory: str | os.PathLike[str],
+    *,
+    pooling: str,
 ) -> Path:
-    """A fine-tuned VideoClassifier: model.safetensors, classes.json, then config.yaml (the encoder's
-    config at the fine-tuning clip; its presence means the export is complete); -> directory."""
+    """A fine-tuned VideoClassifier: model.safetensors, classes.json, classifier.json (its pooling), then
+    config.yaml (the encoder's config at the fine-tuning clip; its presence means the export is complete);
+    -> directory."""
     import json
 
     d = Path(directory)
@@ -93,12 +101,35 @@ def save_classifier(
         d, MAE_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "lvmae-classifier"})
     )
     write_text_atomically(d / CLASSES, json.dumps(list(classes), indent=1) + "\n")
+    write_text_atomically(d / CLASSIFIER, json.dumps({"pooling": pooling}, indent=1) + "\n")
     write_text_atomically(d / MAE_CONFIG, to_yaml(cfg.resolved()))
     return d
 
 
+def load_classifier_options(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """An export's classifier.json as it was trained: options it lacks (all of them when the file is
+    absent, as in exports written before it) take their old values (lvmae.config.saved_classifier_dict).
+    Raises ValueError for an unreadable file or an unknown pooling."""
+    import json
+
+    path = Path(directory) / CLASSIFIER
+    raw: Any = {}
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a mapping of classifier options")
+    options = saved_classifier_dict(raw)
+    if options["pooling"] not in POOLINGS:
+        raise ValueError(f"{path}: pooling must be one of {', '.join(POOLINGS)}; got {options['pooling']!r}")
+    return options
+
+
 def load_classifier(directory: str | os.PathLike[str], device: str | torch.device = "cpu"):
-    """-> (VideoClassifier with the weights of model.safetensors, class names)."""
+    """-> (VideoClassifier with the weights of model.safetensors and the pooling of classifier.json,
+    class names)."""
     import json
 
     from lvmae.heads import VideoClassifier, encoder_for
@@ -107,7 +138,9 @@ def load_classifier(directory: str | os.PathLike[str], device: str | torch.devic
     if not all((d / f).is_file() for f in (MAE_CONFIG, MAE_WEIGHTS, CLASSES)):
         raise ValueError(f"{d} is not a fine-tuned classifier: needs {MAE_CONFIG}, {MAE_WEIGHTS}, {CLASSES}")
     classes = json.loads((d / CLASSES).read_text())
-    model = VideoClassifier(encoder_for(load_saved_model_config(d / MAE_CONFIG), None), len(classes))
+    pooling = load_classifier_options(d)["pooling"]
+    encoder = encoder_for(load_saved_model_config(d / MAE_CONFIG), None)
+    model = VideoClassifier(encoder, len(classes), pooling=pooling)
     try:
         model.load_state_dict(load_file(d / MAE_WEIGHTS, device="cpu"), strict=True)
     except RuntimeError as err:

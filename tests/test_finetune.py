@@ -54,6 +54,9 @@ def test_initial_state_is_the_pretrained_encoder_or_random(colour_data):
         pretrained["encoder.transformer.blocks.2.mlp.fc1.weight"],
     )
     assert "head.weight" in state and not any(k.startswith("decoder") for k in state)
+    assert "encoder.transformer.norm.weight" not in state  # pooling videomae (the default): no final norm
+    old = task_for(colour_data, "finetune.pooling=norm_mean").initial_state()
+    assert torch.equal(old["encoder.transformer.norm.weight"], pretrained["encoder.transformer.norm.weight"])
     assert task_for(colour_data, "finetune.random_init=true").initial_state() is None
 
 
@@ -102,6 +105,7 @@ def test_finetune_trains_resumes_exactly_and_scores(colour_data, tmp_path):
     assert results["test"]["num_clips"] == 9 and results["test"]["top1"] > 0.6, results["test"]  # chance 1/3
     model, classes = load_classifier(tmp_path / "straight" / "export")
     assert classes == ["blue", "green", "red"] and model(torch.rand(1, 3, 16, 32, 32)).shape == (1, 3)
+    assert model.pooling == results["pooling"] == "videomae"
     assert (tmp_path / "straight" / "confusion.png").is_file()
 
 
@@ -158,4 +162,5 @@ def test_two_ranks_start_from_the_pretrained_encoder(colour_data, tmp_path):
     before = load_file(colour_data / "export" / "model.safetensors")
     after = load_file(tmp_path / "run" / "export" / "model.safetensors")
     encoder = [k for k in after if k.startswith("encoder.")]
-    assert len(encoder) == 52 and all(torch.allclose(before[k], after[k], atol=1e-6) for k in encoder)
+    assert len(encoder) == 50  # 4 blocks + the embedding; no final norm with pooling videomae
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in encoder)

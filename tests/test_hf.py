@@ -19,10 +19,11 @@ from train_data import LVMAE, REPO, tiny_mae_args
 
 from lvmae import hf
 from lvmae.errors import UserError
+from lvmae.heads import VideoClassifier, encoder_for
 from lvmae.hf_cli import export_hf, import_weights
 from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.presets import preset_config
-from lvmae.weights import load_mae, save_classifier, save_mae
+from lvmae.weights import CLASSIFIER, load_classifier, load_mae, save_classifier, save_mae
 
 transformers = pytest.importorskip("transformers")
 
@@ -163,15 +164,62 @@ def test_fresh_head_export_matches_videomae_classification(tmp_path, capsys):
     assert rel_err(logits, ours) < 1e-4
 
 
-def test_fine_tuned_classifier_is_refused(tmp_path):
-    from lvmae.heads import VideoClassifier, encoder_for
+def perturbed_classifier(cfg, pooling: str) -> VideoClassifier:
+    """A 3-class classifier on a perturbed encoder, its fc_norm and head perturbed too."""
+    clf = VideoClassifier(encoder_for(cfg, perturbed(cfg).state_dict()), 3, pooling=pooling).eval()
+    with torch.no_grad():
+        for p in (*clf.fc_norm.parameters(), *clf.head.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    return clf
 
+
+@pytest.mark.parametrize("input_norm", ["none", "imagenet"])
+def test_fine_tuned_videomae_classifier_matches_transformers(tmp_path, input_norm):
+    cfg = mae_cfg("tiny", 16, 64, input_norm)
+    clf = perturbed_classifier(cfg, "videomae")
+    save_classifier(clf.state_dict(), cfg, ["a", "b", "c"], tmp_path / "clf", pooling="videomae")
+    said = export_hf(str(tmp_path / "clf"), str(tmp_path / "hf"))
+    assert "fine-tuned 3-class classifier" in said[0]
+    theirs = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.use_mean_pooling and theirs.config.id2label == {0: "a", 1: "b", 2: "c"}
+    loaded, classes = load_classifier(tmp_path / "clf")
+    assert loaded.pooling == "videomae" and classes == ["a", "b", "c"]
+    # the eps moves these logits by ~1e-6 relative only, below the bound below: checked on its own
+    assert loaded.fc_norm.eps == theirs.fc_norm.eps == 1e-5
+    video = clip(16, 64)
+    with torch.no_grad():
+        ours = loaded(video.float() / 255)
+        logits = theirs(hf_pixels(tmp_path / "hf", video)).logits
+    diff = float((logits - ours).abs().max())
+    print(
+        f"fine-tuned classifier logits ({input_norm}): max abs diff {diff:.3g}, rel {rel_err(logits, ours):.3g}"
+    )
+    assert rel_err(logits, ours) < 1e-4
+
+
+def test_norm_mean_classifier_is_refused(tmp_path):
     cfg = mae_cfg("tiny", 16, 64)
-    clf = VideoClassifier(encoder_for(cfg, perturbed(cfg).state_dict()), num_classes=3)
-    save_classifier(clf.state_dict(), cfg, ["a", "b", "c"], tmp_path / "clf")
-    with pytest.raises(UserError, match="final norm"):
+    clf = perturbed_classifier(cfg, "norm_mean")
+    save_classifier(clf.state_dict(), cfg, ["a", "b", "c"], tmp_path / "clf", pooling="norm_mean")
+    with pytest.raises(UserError, match=r"final norm.*finetune\.pooling=videomae"):
         export_hf(str(tmp_path / "clf"), str(tmp_path / "hf"))
     assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def test_classifier_saved_before_the_pooling_option_loads_as_norm_mean(tmp_path):
+    """An export without classifier.json (as written before the option existed) was trained with the final
+    norm on every token and fc_norm eps 1e-6: it loads so, with the same logits, and is not exported."""
+    cfg = mae_cfg("tiny", 16, 64)
+    clf = perturbed_classifier(cfg, "norm_mean")
+    save_classifier(clf.state_dict(), cfg, ["a", "b", "c"], tmp_path / "old", pooling="norm_mean")
+    (tmp_path / "old" / CLASSIFIER).unlink()
+    loaded, _ = load_classifier(tmp_path / "old")
+    assert loaded.pooling == "norm_mean" and loaded.fc_norm.eps == 1e-6
+    video = torch.rand(1, 3, 16, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(video), clf(video))
+    with pytest.raises(UserError, match="pooling 'norm_mean'"):
+        export_hf(str(tmp_path / "old"), str(tmp_path / "hf"))
 
 
 # --- (d) the original VideoMAE layout ----------------------------------------------------------------------

@@ -165,3 +165,22 @@ def test_resuming_an_older_checkpoint_under_the_new_default_is_refused(tmp_path)
         load_train_config([], ["data.url=x", "data.tokens=t", "model.pos_embed=sincos_3d"]),
         "step-8",
     )
+
+
+def test_resuming_an_older_fine_tune_under_the_new_pooling_is_refused(tmp_path):
+    """A fine-tune saved before finetune.pooling existed pooled normalised tokens (norm_mean)."""
+    from omegaconf import OmegaConf
+
+    from train.checkpoint import CheckpointError
+    from train.config import load_finetune_config
+    from train.trainer import check_resumed_model
+
+    args = ["data.url=x", "finetune.init_from=y"]
+    old = OmegaConf.to_container(OmegaConf.structured(load_finetune_config([], args)))
+    del old["finetune"]["pooling"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    with pytest.raises(CheckpointError, match=r"finetune.pooling=norm_mean.*pass finetune.pooling=norm_mean"):
+        check_resumed_model(tmp_path / "config.yaml", load_finetune_config([], args), "step-8")
+    check_resumed_model(
+        tmp_path / "config.yaml", load_finetune_config([], [*args, "finetune.pooling=norm_mean"]), "step-8"
+    )

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from ingest.labels import SPLITS
-from lvmae.config import ConfigError, MAEConfig, TokenizerConfig, load_config, saved_model_dict, to_yaml
+from lvmae.config import (
+    POOLINGS,
+    ConfigError,
+    MAEConfig,
+    TokenizerConfig,
+    load_config,
+    saved_model_dict,
+    to_yaml,
+)
 
 DECODER_BACKENDS = ("auto", "dali", "pyav")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -225,6 +233,10 @@ class FinetuneSpec:
     img_size: int | None = None  # its clip side (default: its pretraining size)
     drop_path: float = 0.1
     head_dropout: float = 0.0
+    # How the classifier pools the tokens (lvmae.heads.VideoClassifier): `videomae` (mean of the last
+    # block's tokens, fc_norm, linear: VideoMAE's head, exported exactly by `lvmae export hf`) or
+    # `norm_mean` (the encoder's final norm on every token first: what lvmae fine-tuned before this option).
+    pooling: str = "videomae"
     layer_decay: float = 0.75  # block i of L gets lr * layer_decay ** (L + 1 - (i + 1)); 1 disables
     label_smoothing: float = 0.1
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of clips and labels; 0 disables
@@ -236,6 +248,7 @@ class FinetuneSpec:
         _check(bool(self.init_from), f"{prefix}.init_from", "must name an exported MAE (RUN/export)")
         _check(0 <= self.drop_path < 1, f"{prefix}.drop_path", "must be in [0, 1)")
         _check(0 <= self.head_dropout < 1, f"{prefix}.head_dropout", "must be in [0, 1)")
+        _choice(self.pooling, f"{prefix}.pooling", POOLINGS)
         _check(0 < self.layer_decay <= 1, f"{prefix}.layer_decay", "must be in (0, 1]")
         _check(0 <= self.label_smoothing < 1, f"{prefix}.label_smoothing", "must be in [0, 1)")
         _check(self.mixup >= 0, f"{prefix}.mixup", "must be >= 0 (0: off)")

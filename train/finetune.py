@@ -56,6 +56,7 @@ def evaluate_classifier(
     model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, Any] = {"classifier": str(export), "dataset": dataset, "classes": classes}
     results["views"] = f"{temporal_views}x{spatial_views}"
+    results["pooling"] = model.pooling
     for split in splits:
         try:
             loader = ClipLoader(

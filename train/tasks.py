@@ -232,10 +232,11 @@ def mixup(
 
 
 class FinetuneTask:
-    """A pretrained encoder + mean pooling + linear head, fine-tuned on the labelled clips of a split."""
+    """A pretrained encoder + mean pooling (finetune.pooling) + linear head, fine-tuned on the labelled clips
+    of a split."""
 
     name = "finetune"
-    export_dir = "export"  # under run.out: model.safetensors, classes.json, config.yaml (load_classifier)
+    export_dir = "export"  # under run.out: model.safetensors, classes.json, classifier.json, config.yaml
     tokens = None
     labels = True
 
@@ -281,15 +282,17 @@ class FinetuneTask:
     def build_model(self) -> nn.Module:
         f = self.cfg.finetune
         encoder = encoder_for(self.mae_cfg, None, f.num_frames, f.img_size, drop_path=f.drop_path)
-        return VideoClassifier(encoder, len(self.classes), f.head_dropout)
+        return VideoClassifier(encoder, len(self.classes), f.head_dropout, pooling=f.pooling)
 
     def initial_state(self) -> dict[str, torch.Tensor] | None:
-        """The pretrained encoder's weights (head and fc_norm keep their fresh init); None: random init."""
+        """The pretrained encoder's weights (head and fc_norm keep their fresh init; with pooling
+        `videomae` the pretrained final norm is dropped, as VideoMAE's fine-tuning does); None: random
+        init."""
         if self.cfg.finetune.random_init:
             return None
         model = self.build_model()
         state = model.state_dict()
-        state.update({k: v for k, v in self._state.items() if k.startswith("encoder.")})
+        state.update({k: v for k, v in self._state.items() if k.startswith("encoder.") and k in state})
         return state
 
     def lr_scale(self, name: str) -> float:
@@ -313,7 +316,9 @@ class FinetuneTask:
         return {"accuracy": float(self._accuracy)}
 
     def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:
-        return save_classifier(state, self.model_cfg, self.classes, out / self.export_dir)
+        return save_classifier(
+            state, self.model_cfg, self.classes, out / self.export_dir, pooling=self.cfg.finetune.pooling
+        )
 
 
 Task = MAETask | TokenizerTask | FinetuneTask

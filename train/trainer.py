@@ -232,23 +232,35 @@ def pick_checkpoint(ckpts: Checkpoints, resume: str) -> Path | None:
 
 def check_resumed_model(saved_config: Path, cfg: Any, where: str) -> None:
     """Refuse to resume a checkpoint under model options that change what its weights mean without
-    changing their shapes (position table, input normalization). A checkpoint saved before an option
+    changing their shapes (position table, input normalization; a classifier's pooling, whose final-norm
+    weights would not load either). A checkpoint saved before an option
     existed was trained with its old value (lvmae.config.saved_model_dict), whatever today's default."""
     from omegaconf import OmegaConf
 
-    from lvmae.config import saved_model_dict
+    from lvmae.config import saved_classifier_dict, saved_model_dict
 
-    model = getattr(cfg, "model", None)
-    if model is None or not hasattr(model, "pos_embed") or not saved_config.is_file():
+    if not saved_config.is_file():
         return
     raw = OmegaConf.to_container(OmegaConf.load(saved_config))
-    saved = saved_model_dict((raw or {}).get("model") or {}) if isinstance(raw, dict) else {}
-    for key in ("pos_embed", "input_norm"):
-        if key in saved and saved[key] != getattr(model, key):
-            raise CheckpointError(
-                f"{where} was trained with model.{key}={saved[key]}, this run has model.{key}="
-                f"{getattr(model, key)}: pass model.{key}={saved[key]} to resume it"
-            )
+    raw = raw if isinstance(raw, dict) else {}
+    sections = []
+    model = getattr(cfg, "model", None)
+    if model is not None and hasattr(model, "pos_embed"):
+        sections.append(
+            ("model", model, saved_model_dict(raw.get("model") or {}), ("pos_embed", "input_norm"))
+        )
+    finetune = getattr(cfg, "finetune", None)
+    if finetune is not None and hasattr(finetune, "pooling"):
+        sections.append(
+            ("finetune", finetune, saved_classifier_dict(raw.get("finetune") or {}), ("pooling",))
+        )
+    for name, section, saved, keys in sections:
+        for key in keys:
+            if key in saved and saved[key] != getattr(section, key):
+                raise CheckpointError(
+                    f"{where} was trained with {name}.{key}={saved[key]}, this run has {name}.{key}="
+                    f"{getattr(section, key)}: pass {name}.{key}={saved[key]} to resume it"
+                )
 
 
 class StoreOutage(UserError):
@@ -319,8 +331,10 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
     step = 0
     log = TrainLog(out / LOG_FILE, enabled=dist.rank == 0)
     if start is not None:
-        step, state = ckpts.load(engine, start)
+        if run.remote:  # the checkpoint's config, before DeepSpeed loads weights it may not fit
+            run.download(f"checkpoints/{start.name}/{CONFIG_FILE}")
         check_resumed_model(start / CONFIG_FILE, cfg, ckpts.where(start))
+        step, state = ckpts.load(engine, start)
         loader.load_state_dict(state["loader"])
         if run.remote and dist.rank == 0:
             run.download(LOG_FILE)  # uploaded before the checkpoint's commit: it reaches (at least) its step

@@ -123,17 +123,27 @@ class StoreRetry:
         *,
         log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] | None = None,
     ):
         self.policy = policy or RetryPolicy()
         self.retries = 0
         self.on_retry: list[Callable[[], None]] = []
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.clock, self.sleep = clock, sleep
+        self._cancelled = threading.Event()
+        self.clock, self.sleep = clock, sleep or self._cancelled.wait  # a pause that cancel() cuts short
         self._rng = random.Random()  # its own: the training run's random state must not depend on outages
         self._lock = threading.Lock()
         self._failing: dict[int, float] = {}  # operation id -> when it first failed
         logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)  # once: the same filter object
+
+    def cancel(self) -> None:
+        """Stop waiting: every operation now failing, or failing from now on, raises StoreUnavailable at
+        once (a run that is stopping must not leave reads in flight behind it)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
 
     def stalled_seconds(self) -> float:
         with self._lock:
@@ -184,6 +194,8 @@ class Operation:
         if not is_transient(err):
             raise err
         r, policy = self.retry, self.retry.policy
+        if r.cancelled:
+            raise StoreUnavailable(f"{self.what}: given up (the run is stopping): {_short(err)}") from err
         now = r.clock()
         if self.first is None:
             self.first = now

@@ -147,12 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_now(code: int) -> None:
+    """Exit after the exit hooks, without the interpreter's teardown: for a run that stops because its
+    store is gone, whose reads still in flight (zarr's event loop, s3fs) would otherwise be torn down
+    with a page of "Task was destroyed" tracebacks under its one-line error."""
+    import atexit
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    run_exit_hooks = getattr(atexit, "_run_exitfuncs", None)  # CPython: what a normal exit runs first
+    if run_exit_hooks is not None:
+        run_exit_hooks()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (UserError, ConfigError) as err:
         print(f"lvmae {args.command}: error: {err}", file=sys.stderr)
+        if getattr(err, "abandon_in_flight", False):
+            exit_now(2)
         return 2
     except KeyboardInterrupt:
         print(f"lvmae {args.command}: interrupted", file=sys.stderr)

@@ -128,6 +128,18 @@ def shuffle(samples: Iterable[Any], buffer_size: int, gen: np.random.Generator) 
 
 
 _END = object()  # the read-ahead thread's last item, after the stream (or beside the error that ended it)
+READER_THREAD = "lvmae-loader-prefetch"
+
+
+def join_readers(timeout: float) -> bool:
+    """Wait up to `timeout` s for this process's read-ahead threads to end (after their consumers closed
+    them, and a stopping run cancelled its retries); -> whether all have. A process that exits with reads
+    still in flight gets asyncio's and zarr's complaints about them printed at interpreter shutdown."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name == READER_THREAD:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.name == READER_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 def prefetch(items: Iterable[Any], depth: int, stats: dict[str, float] | None = None) -> Iterator[Any]:
@@ -158,7 +170,7 @@ def prefetch(items: Iterable[Any], depth: int, stats: dict[str, float] | None = 
         except BaseException as err:  # handed to the consumer, which re-raises it with its traceback
             put((_END, err))
 
-    thread = threading.Thread(target=work, name="lvmae-loader-prefetch", daemon=True)
+    thread = threading.Thread(target=work, name=READER_THREAD, daemon=True)
     thread.start()
     try:
         while True:

@@ -45,7 +45,7 @@ from train.engine import (
     model_init_context,
     resolve_precision,
 )
-from train.loader import ClipLoader, prefetch
+from train.loader import ClipLoader, join_readers, prefetch
 from train.metrics import TrainMetrics, peak_memory_bytes, write_targets
 from train.rundir import RunDir
 from train.tasks import Task
@@ -266,6 +266,8 @@ def check_resumed_model(saved_config: Path, cfg: Any, where: str) -> None:
 class StoreOutage(UserError):
     """The store stayed unreachable past data.retry_deadline_s: the run stopped between two steps."""
 
+    abandon_in_flight = True  # lvmae.cli exits without tearing down reads still waiting on the store
+
 
 def next_batch(batches: Any) -> tuple[dict[str, Any] | None, StoreUnavailable | None]:
     """The next batch, or (None, the outage) when the loader gave up waiting for the store."""
@@ -369,6 +371,9 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
                         saved, saved_now = step, f"checkpoint {ckpts.where(path)} saved"
                     except Exception as err:  # the run folder may sit on the same unreachable store
                         saved_now = f"no checkpoint could be saved ({type(err).__name__}: {err})"
+                loader.retry.cancel()  # reads still waiting for the store give up now, and end their threads
+                batches.close()
+                join_readers(timeout=60)
                 kept = saved_now or (
                     f"the checkpoint of step {saved} stays" if saved >= 0 else "no checkpoint yet"
                 )

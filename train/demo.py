@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     from ingest.benchmark import write_benchmark
-    from ingest.clips import ingest_clips
+    from ingest.clips import IngestError, ingest_clips
     from ingest.config import ClipSpec, IngestConfig
     from ingest.storage import Store
     from ingest.tokens import TokensError, ingest_tokens
@@ -141,18 +141,21 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         flush=True,
     )
     manifest = write_benchmark(out / "videos", args.task, args.videos, num_frames=128, size=32, progress=True)
-    ingest = ingest_clips(
-        [str(manifest)],
-        data,
-        # eight shards or so, whatever --videos: each of the two ranks needs shards of the train split
-        IngestConfig(
-            clip=ClipSpec(num_frames=128, size=32),
-            shard_clips=max(2, args.videos // 8),
-            test_share=0.25,
-            workers=2,
-        ),
-        progress=True,
+    # eight shards or so, whatever --videos: each of the two ranks needs shards of the train split
+    ingest_cfg = IngestConfig(
+        clip=ClipSpec(num_frames=128, size=32),
+        shard_clips=max(2, args.videos // 8),
+        test_share=0.25,
+        workers=2,
     )
+    try:
+        ingest = ingest_clips([str(manifest)], data, ingest_cfg, progress=True)
+    except IngestError as err:  # a demo folder an older lvmae made (its videos were coded differently)
+        if "already holds a different data set" not in str(err):
+            raise
+        print("  this demo folder was made by an older lvmae: starting it again", flush=True)
+        start_over(out, data)
+        ingest = ingest_clips([str(manifest)], data, ingest_cfg, progress=True)
     counts = {split: sum(c.values()) for split, c in ingest.labels["counts"].items()}
     print(f"  {ingest.num_samples} clips in {ingest.shards} shards; clips per split: {counts}", flush=True)
 
@@ -192,6 +195,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         flush=True,
     )
     mae_run = out / "runs" / "mae"
+    restart_if_older(mae_run)
     total, half = args.mae_steps, args.mae_steps // 2
     mae_args = ["configs/demo_128f_cpu.yaml", f"data.url={data}", f"data.tokens={tokens.tokenizer_id}"]
     mae_args += [
@@ -272,6 +276,37 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
             "probe_confusion": probes["pretrained"]["confusion_png"],
         },
     }
+
+
+def start_over(out: Path, data: str) -> None:
+    """Delete what the demo made in `out` (its data set, local or on the store, and its runs and
+    reports); the generated videos stay (they are written again only where they differ)."""
+    import shutil
+
+    from ingest.storage import Store
+
+    store = Store(data)
+    if store.exists(""):
+        store.fs.rm(store.path(""), recursive=True)
+    for name in ("runs", "probe", "tokenizer-eval", "hf"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def restart_if_older(run: Path) -> None:
+    """Delete the demo's MAE run if an older lvmae started it (its config predates model.pos_embed): its
+    checkpoints hold the old position table, which a resume under today's recipe refuses."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    saved = run / "config.yaml"
+    if saved.is_file() and "pos_embed" not in (
+        OmegaConf.to_container(OmegaConf.load(saved)).get("model") or {}
+    ):
+        print(
+            f"  {run} was started by an older lvmae (before model.pos_embed): starting it again", flush=True
+        )
+        shutil.rmtree(run)
 
 
 def export_to_transformers(export: Path, data: str, out: Path) -> dict:

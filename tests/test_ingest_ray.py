@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from test_ingest_tokens import tok_cfg
 from videos import write_ramp_video
 
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
 from ingest.tokens import ingest_tokens
 from lvmae.cli import main as lvmae_main
-from lvmae.config import TokenizerConfig, VideoSpec
 from lvmae.tokenizer import Tokenizer, save_tokenizer
 
 FRAMES, SIZE, PER_SHARD = 16, 32, 3
@@ -241,23 +241,11 @@ def test_a_worker_killed_mid_shard_gives_the_identical_data_set(ray_cluster, sam
     assert any("WORKER_DIED" in log.read_text(errors="replace") for log in drivers)
 
 
-def tok_cfg() -> TokenizerConfig:
-    video = VideoSpec(num_frames=FRAMES, img_size=SIZE, patch_size=8, tubelet_size=2)
-    return TokenizerConfig(
-        video=video,
-        base_channels=8,
-        channel_mult=[1, 1, 2, 2],
-        num_groups=4,
-        scorer_channels=8,
-        fsq_levels=[8, 5, 5],
-    )
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> tuple[Path, str]:
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tok")
-    return d, save_tokenizer(Tokenizer(tok_cfg()).eval(), d)
+    return d, save_tokenizer(Tokenizer(tok_cfg(FRAMES, SIZE)).eval(), d)
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from test_ingest_tokens import tok_cfg
 
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
 from ingest.storage import Store
 from ingest.tokens import decode_keys, ingest_tokens
-from lvmae.config import TokenizerConfig, VideoSpec
 from lvmae.tokenizer import Tokenizer, save_tokenizer
 from train.loader import (
     ClipLoader,
@@ -166,15 +166,7 @@ def all_keys(dataset) -> list[str]:
 def tokenized(dataset) -> tuple[Path, str]:
     """The data set with a token store from a freshly initialised tokenizer (tokens/<id>/)."""
     torch.manual_seed(0)
-    video = VideoSpec(num_frames=FRAMES, img_size=SIZE, patch_size=8, tubelet_size=2)
-    cfg = TokenizerConfig(
-        video=video,
-        base_channels=8,
-        channel_mult=[1, 1, 2, 2],
-        num_groups=4,
-        scorer_channels=8,
-        fsq_levels=[8, 5, 5],
-    )
+    cfg = tok_cfg(FRAMES, SIZE)
     tok_dir = dataset.parent / "tok"
     tid = save_tokenizer(Tokenizer(cfg).eval(), tok_dir)
     summary = ingest_tokens(str(dataset), str(tok_dir), batch_size=8, device="cpu", progress=False)

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
 
-from fig1_memory import machine_info, result_row  # noqa: E402
+from fig1_memory import result_row, save_runs  # noqa: E402
 
 MIB = 2**20
 
@@ -144,18 +144,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"({row['upload_mib_per_s']} MiB/s)",
                 flush=True,
             )
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {
-        "machine": machine_info(device),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "store": "SeaweedFS weed mini on 127.0.0.1 (ingest.objectstore.LocalS3Server)",
-        "runs": rows,
-    }
-    out = Path(args.out) / f"checkpoint_upload_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    store = "SeaweedFS weed mini on 127.0.0.1 (ingest.objectstore.LocalS3Server)"
+    out = save_runs(args.out, "checkpoint_upload", rows, store=store)
     print(table(rows))
     print(f"written: {out}")
 

@@ -205,6 +205,22 @@ def result_row(cmd: list[str], label: str, env: dict | None = None) -> dict:
     return row
 
 
+def save_runs(out_dir: str | Path, name: str, rows: list[dict], **extra: object) -> Path:
+    """OUT_DIR/NAME_<device>.json: {"machine", "date", **extra, "runs": rows} for the device torch would
+    use here; -> its path."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {
+        "machine": machine_info(device),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **extra,
+        "runs": rows,
+    }
+    out = Path(out_dir) / f"{name}_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return out
+
+
 def machine_info(device: torch.device) -> dict:
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
 
-from fig1_memory import machine_info, proc_status_bytes, read_peak, reset_peak, result_row  # noqa: E402
+from fig1_memory import proc_status_bytes, read_peak, reset_peak, result_row, save_runs  # noqa: E402
 
 GIB = 2**30
 
@@ -148,17 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{recipe}: median step {row['median_step_s']} s, peak {row['peak_memory_bytes'] / GIB:.2f} GiB",
             flush=True,
         )
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {
-        "machine": machine_info(device),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "runs": rows,
-    }
-    out = Path(args.out) / f"train_step_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = save_runs(args.out, "train_step", rows)
     print(table(rows))
     print(f"written: {out}")
 

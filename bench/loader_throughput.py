@@ -4,8 +4,9 @@ In one run, on one fixed data set of VP9 clip shards (built once with `ingest_cl
 sample videos, cached under --work):
 
   raw       the limit: the clips' bytes already in memory, decoded by DaliClipDecoder (CPU; float as the
-            loader returns it, and uint8) and by PyAV (ingest.decode.decode_clip; PyAVClipDecoder for
-            float). No I/O, no tar parsing.
+            loader returns it, and uint8) and by PyAV (ingest.decode.decode_clip per clip, uint8, one
+            core; PyAVClipDecoder for float, with its conversion thread and with num_threads=1). No I/O,
+            no tar parsing.
   loader    train.loader.ClipLoader (decoder "dali" and "pyav"), from the local shards and from a
             SeaweedFS S3 server on loopback (ingest.objectstore.LocalS3Server) holding the same data set.
   wds       what users write by hand: webdataset.WebDataset(shard paths) -> PyAV decode in a torch
@@ -15,9 +16,9 @@ sample videos, cached under --work):
 Every row gets one warm-up batch that is not timed (DALI pipeline build, worker start-up, the shuffle
 buffer's first fill), then is timed over --passes passes over the data set. Each row is run --repeats
 times, interleaved with the others, and reported as the median of its quiet runs (below). Clips per
-second, frames per second and the ratio to the raw DALI float decode (the limit) go to a markdown table
-on stdout and to bench/results/loader_cpu.json with the machine's details. Benchmarks never assert
-timings.
+second, frames per second and the ratios to the raw DALI float decode (the limit) and to PyAV's own
+uint8 decode (raw-pyav-uint8) go to a markdown table on stdout and to bench/results/loader_cpu[_TAG].json
+with the machine's details. Benchmarks never assert timings.
 
 On a shared machine the figures move with other work: before each row the script waits (up to
 --wait-quiet seconds) for the cores to be free, and for every timed span it records the CPU seconds that
@@ -28,7 +29,8 @@ all its runs and flagged 0/N.
 
     .venv/bin/python bench/loader_throughput.py [--work DIR] [--copies 1] [--clip-stride 1]
         [--batch-size 4] [--passes 1] [--repeats 2] [--wait-quiet 60] [--quiet-share 0.1]
-        [--extra-rounds 2] [--extra-wait 300] [--skip-s3] [--skip-wds] [--out bench/results]
+        [--extra-rounds 2] [--extra-wait 300] [--skip-s3] [--skip-wds] [--rows REGEX] [--tag TAG]
+        [--out bench/results]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -214,6 +217,8 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch_threads": torch.get_num_threads(),
+        # settings that move the PyAV rows (glibc's heap trimming changes decode_clip by 20-30%)
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "GLIBC_TUNABLES"))},
         "versions": versions(),
         "code": code_version(),
     }
@@ -374,10 +379,10 @@ def raw_pyav_uint8(clips: list[bytes], args: argparse.Namespace) -> Iterator[int
         yield len(batch)
 
 
-def raw_pyav_float(clips: list[bytes], args: argparse.Namespace) -> Iterator[torch.Tensor]:
+def raw_pyav_float(clips: list[bytes], args: argparse.Namespace, threads: int = 2) -> Iterator[torch.Tensor]:
     from train.decode import PyAVClipDecoder
 
-    decoder = PyAVClipDecoder(args.frames, args.size)
+    decoder = PyAVClipDecoder(args.frames, args.size, batch_size=args.batch_size, num_threads=threads)
     for batch in chunks(clips, args.batch_size, args.passes):
         out, bad = decoder.decode(batch)
         if bad:
@@ -465,6 +470,9 @@ def rows_to_run(
          "output": "uint8 (B,T,H,W,3)", "make": lambda: raw_dali(clips, args, uint8=True)},
         {"name": "raw-pyav-float", "kind": "raw decode (limit)", "source": "memory", "decoder": "pyav",
          "output": "float32 (B,3,T,H,W)", "make": lambda: raw_pyav_float(clips, args)},
+        {"name": "raw-pyav-float-1thread", "kind": "raw decode", "source": "memory",
+         "decoder": "pyav (num_threads=1: converts inline)", "output": "float32 (B,3,T,H,W)",
+         "make": lambda: raw_pyav_float(clips, args, threads=1)},
         {"name": "raw-pyav-uint8", "kind": "raw decode (limit)", "source": "memory", "decoder": "pyav",
          "output": "uint8 (T,H,W,3) per clip", "make": lambda: raw_pyav_uint8(clips, args)},
     ]  # fmt: skip
@@ -503,6 +511,8 @@ def rows_to_run(
              "output": "uint8 (B,T,H,W,3), not converted (to be converted on a GPU)",
              "make": lambda: wds_loader(urls, args, to_float=False, fast_convert=True, convert_after=False)},
         ]  # fmt: skip
+    if args.rows:
+        rows = [row for row in rows if re.search(args.rows, row["name"])]
     return rows
 
 
@@ -545,6 +555,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--skip-s3", action="store_true", help="no S3 server, no S3 rows")
     parser.add_argument("--skip-wds", action="store_true", help="no hand-written webdataset rows")
+    parser.add_argument("--rows", default=None, help="only the rows whose name matches this regex")
+    parser.add_argument("--tag", default="", help="results go to loader_cpu_TAG.json (a partial run)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return parser.parse_args()
 
@@ -585,17 +597,18 @@ def summarize(row: dict[str, Any], runs: list[dict[str, Any]], args: argparse.Na
     }
 
 
-def table(rows: list[dict[str, Any]], limit: float | None) -> str:
+def table(rows: list[dict[str, Any]], limit: float | None, pyav_uint8: float | None) -> str:
     lines = [
-        "| row | source | decoder | output | clips/s | frames/s | x DALI float limit | first batch (s) "
-        "| quiet runs | others + steal (max) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| row | source | decoder | output | clips/s | frames/s | x DALI float limit | x PyAV uint8 decode "
+        "| first batch (s) | quiet runs | others + steal (max) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = f"{r['clips_per_s'] / limit:.2f}" if limit and r["clips_per_s"] else "-"
+        pyav = f"{r['clips_per_s'] / pyav_uint8:.2f}" if pyav_uint8 and r["clips_per_s"] else "-"
         lines.append(
             f"| {r['name']} | {r['source']} | {r['decoder']} | {r['output']} | {r['clips_per_s']} | "
-            f"{r['frames_per_s']} | {ratio} | {r['first_batch_s_median']} | "
+            f"{r['frames_per_s']} | {ratio} | {pyav} | {r['first_batch_s_median']} | "
             f"{r['quiet_runs']}/{len(r['runs'])} | {r['others_share_max']:.0%} |"
         )
     return "\n".join(lines)
@@ -623,7 +636,8 @@ def main() -> int:
 
     server, s3_url, s3_info = None, None, None
     try:
-        if not args.skip_s3:
+        wants_s3 = not args.rows or any(re.search(args.rows, f"loader-s3-{d}") for d in ("dali", "pyav"))
+        if not args.skip_s3 and wants_s3:
             from ingest.objectstore import LocalS3Server
 
             s3_dir = work / "s3"
@@ -666,11 +680,15 @@ def main() -> int:
             shutil.rmtree(work / "s3", ignore_errors=True)
 
     results = [summarize(row, runs[row["name"]], args) for row in rows]
-    limit = next(r["clips_per_s"] for r in results if r["name"] == "raw-dali-float")
     by_name = {r["name"]: r for r in results}
+    limit = by_name["raw-dali-float"]["clips_per_s"] if "raw-dali-float" in by_name else None
+    pyav_uint8 = by_name["raw-pyav-uint8"]["clips_per_s"] if "raw-pyav-uint8" in by_name else None
     for r in results:
         r["ratio_to_dali_float_limit"] = (
             round(r["clips_per_s"] / limit, 3) if limit and r["clips_per_s"] else None
+        )
+        r["ratio_to_pyav_uint8_decode"] = (
+            round(r["clips_per_s"] / pyav_uint8, 3) if pyav_uint8 and r["clips_per_s"] else None
         )
         own = by_name[r["limit"]]["clips_per_s"] if r.get("limit") in by_name else None
         r["ratio_to_own_decoder_limit"] = (
@@ -683,10 +701,10 @@ def main() -> int:
     result = {"machine": info, "settings": settings, "corpus": corpus, "s3": s3_info, "rows": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "loader_cpu.json"
+    path = out / (f"loader_cpu_{args.tag}.json" if args.tag else "loader_cpu.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print()
-    print(table(results, limit))
+    print(table(results, limit, pyav_uint8))
     print(
         f"\n{corpus['clips']} clips of {args.frames}x{args.size}x{args.size}, batch {args.batch_size}, "
         f"{args.passes} pass(es) x {args.repeats} repeat(s), median of quiet runs shown; load average "

@@ -305,6 +305,49 @@ def test_a_corrupt_clip_is_skipped_and_the_batch_refilled(dataset, all_keys, tmp
     assert loader.stats["skipped"] == 1
 
 
+def test_pyav_batches_held_while_the_next_decode_stay_as_decoded(dataset, tmp_path):
+    """PyAVClipDecoder reuses its batch tensors: batches read ahead by a thread (as the trainer reads them)
+    and kept, all of them or a few at a time, still hold their own clips; with a corrupt clip in the data
+    (a batch refilled, torch.cat of two decodes)."""
+    from train.decode import PyAVClipDecoder
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    clips: dict[str, bytes] = {}
+    for shard in sorted((copy / "shards").glob("*.tar")):
+        with open(shard, "rb") as f:
+            clips |= {key: parts["webm"] for key, parts in tar_samples(f)}
+    shard = copy / "shards" / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (m, data) in enumerate(members):
+            if i == 0:
+                data = m.size * b"x"
+            tar.addfile(m, io.BytesIO(data))
+    reference = PyAVClipDecoder(FRAMES, SIZE, num_threads=1, pool=0)  # fresh tensors, never reused
+
+    def check(batch: dict) -> None:
+        expected, bad = reference.decode([clips[k] for k in batch["keys"]])
+        assert bad == [] and torch.equal(batch["video"], expected)
+
+    loader = ClipLoader(str(copy), 4, decoder="pyav", epochs=2, shuffle_buffer=8)
+    kept = list(prefetch(iter(loader), 2))
+    assert len(kept) == 14 and loader.stats["skipped"] == 2  # the corrupt clip, once per epoch
+    for batch in kept:
+        check(batch)
+    # every batch is still held; only the two decodes a refilled batch was concatenated from were free
+    assert loader._decoder.buffers.reused <= 2 * loader.stats["skipped"]
+
+    loader = ClipLoader(str(copy), 4, decoder="pyav", epochs=2, shuffle_buffer=8)
+    window: list[dict] = []
+    for batch in prefetch(iter(loader), 2):
+        window = [*window[-2:], batch]  # the consumer holds three batches at a time
+        for held in window:
+            check(held)
+    assert loader._decoder.buffers.reused > 0
+
+
 def test_object_storage_gives_the_same_batches(tokenized, s3_bucket):
     root, tid = tokenized
     url, options = s3_bucket

@@ -1,7 +1,7 @@
 """One rank of a training run (`lvmae train mae|tokenizer`), built from small steps:
 
     dist = join_process_group()                      # from the launcher's env; one process alone works too
-    loader = build_loader(cfg, task, dist)           # shards of this rank, DALI (or PyAV) decode, tokens
+    loader = build_loader(cfg, task, dist, device)   # shards of this rank, DALI (or PyAV) decode, tokens
     engine, scheduler = build_model_and_engine(...)  # the task's model under ZeRO-3, AdamW, warmup-cosine
     metrics = build_metrics(cfg, dist)               # Prometheus exporter on port base + rank, file-SD list
     step = resume(...)                               # --resume auto: newest checkpoint, loader position
@@ -37,6 +37,7 @@ from lvmae.errors import UserError
 from lvmae.weights import write_text_atomically
 from train.checkpoint import CheckpointError, Checkpoints, open_checkpoints
 from train.config import saved_yaml
+from train.decode import ships_uint8, video_to
 from train.engine import (
     build_engine,
     export_state_dict,
@@ -129,8 +130,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def build_loader(cfg: Any, task: Task, dist: Dist) -> ClipLoader:
+def build_loader(cfg: Any, task: Task, dist: Dist, device: torch.device | None = None) -> ClipLoader:
+    """device: where the steps run; with the PyAV decoder on CUDA, batches come as uint8 and are
+    converted there (train.decode.ships_uint8, video_to)."""
     threads = cfg.data.decode_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size)
+    uint8 = device is not None and ships_uint8(cfg.data.decoder, device)
     loader = ClipLoader(
         cfg.data.url,
         cfg.data.batch_size,
@@ -145,7 +149,8 @@ def build_loader(cfg: Any, task: Task, dist: Dist) -> ClipLoader:
         retry_deadline=cfg.data.retry_deadline_s,
         split=cfg.data.split,
         labels=getattr(task, "labels", False),
-        decoder_kwargs={"num_threads": threads, "device_id": dist.local_rank},
+        decoder_kwargs={"num_threads": threads, "device_id": dist.local_rank}
+        | ({"uint8": True} if uint8 else {}),
     )
     attrs = dict(loader.tokens.group.attrs) if loader.tokens is not None else None
     task.check_data(loader.spec, attrs, cfg.data.url)
@@ -306,7 +311,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
     device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-    loader = build_loader(cfg, task, dist)
+    loader = build_loader(cfg, task, dist, device)
     ckpts = open_checkpoints(run, dist.rank, dist.world_size, cfg.run.keep_last)
     start = pick_checkpoint(ckpts, resume)
     metrics = build_metrics(cfg, dist, run)  # a busy port fails here, before anything is written
@@ -380,7 +385,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
                 raise StoreOutage(outage_message(outage, dist.rank, step, kept))
             t1 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            video = batch["video"].to(device, dtype, non_blocking=True)
+            video = video_to(batch["video"], device, dtype)  # uint8 batches are converted there
             gen = torch.Generator().manual_seed(step_seed(cfg.run.seed, step, dist.rank))
             loss = task.loss(engine, batch, video, gen, step)
             engine.backward(loss)

@@ -17,7 +17,7 @@ help:
 	@echo "make demo   - run the end-to-end demo on the embedded default (CPU, local store; STORE=s3: local S3)"
 	@echo "make test   - run the test suite"
 	@echo "make lint   - ruff check + format check"
-	@echo "make bench  - run the benchmarks in bench/ (writes bench/results/; about 35 minutes on 2 cores)"
+	@echo "make bench  - run the benchmarks in bench/ (writes bench/results/; about 40 minutes on 2 cores)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,10 +52,11 @@ demo: venv
 	$(BIN)/lvmae info
 	$(BIN)/python -m train.demo --out $(DEMO_OUT) --store $(STORE)
 
-# About 35 minutes on the 2-core CPU machines (docs/benchmarks.md); ingest_throughput needs Debian's ffmpeg.
+# About 40 minutes on the 2-core CPU machines (docs/benchmarks.md); ingest_throughput needs Debian's ffmpeg.
 # The ablations run in their quick mode here; the full table (42 minutes): bench/ablations.py.
 bench: venv
 	$(BIN)/python bench/fig1_memory.py
+	$(BIN)/python bench/plan_check.py
 	$(BIN)/python bench/loader_throughput.py
 	$(BIN)/python bench/train_step.py --steps 2 --recipes demo_cpu \
 	  "vitb_128f:data.batch_size=1,run.precision=fp32" "vitb_128f:run.precision=fp32"

@@ -136,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     from ingest.cli import add_parser as add_ingest
     from lvmae.hf_cli import add_parsers as add_hf_parsers
-    from train.cli import add_eval_parser, add_finetune_parser, add_launch_parser, add_train_parser
+    from train.cli import (
+        add_eval_parser,
+        add_finetune_parser,
+        add_launch_parser,
+        add_plan_parser,
+        add_train_parser,
+    )
 
     add_ingest(sub)
     add_train_parser(sub)
@@ -144,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_parser(sub)
     add_eval_parser(sub)
     add_hf_parsers(sub)
+    add_plan_parser(sub)
     return parser
 
 

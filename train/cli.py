@@ -114,6 +114,67 @@ def add_train_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from train.config import load_train_config
+    from train.plan import format_report, parse_bytes, report
+
+    recipes, overrides = split_config_args(args.config)
+    for recipe in recipes:
+        text = Path(recipe).read_text()
+        if any(line.startswith(("tokenizer:", "finetune:")) for line in text.splitlines()):
+            raise UserError(
+                f"{recipe}: lvmae plan covers pretraining recipes (lvmae train mae), not this one"
+            )
+    # The data set is not read: placeholders stand in for the recipe's mandatory data.url / data.tokens.
+    cfg = load_train_config(recipes, ["data.url=unused", "data.tokens=unused", *overrides])
+    if args.gpu_memory is not None:
+        try:
+            gpu_bytes = parse_bytes(args.gpu_memory)
+        except ValueError as err:
+            raise UserError(f"--gpu-memory: {err}") from None
+    else:
+        import torch
+
+        gpu_bytes = (
+            torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30
+        )
+    if args.world_size < 1:
+        raise UserError(f"--world-size must be at least 1, got {args.world_size}")
+    result = report(cfg, gpu_bytes, args.world_size)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    if not result["fits"]:
+        print(
+            f"lvmae plan: warning: this recipe needs {result['total_bytes'] / 2**30:.1f} GiB per GPU at its peak, "
+            f"more than the {result['usable_bytes'] / 2**30:.1f} GiB usable: it will run out of memory",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def add_plan_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="will it fit? per-GPU memory of a pretraining recipe, the largest batch, what to set",
+        description="Predict one GPU's peak memory in a training step of a pretraining recipe (lvmae train "
+        "mae): weights, gradients and optimizer state by precision, ZeRO stage and world size, activations "
+        "counted from the model's forward on the meta device, the batch in flight. Prints the table, the "
+        "largest batch and longest clip that fit, and the cheapest ZeRO stage / checkpointing that fits. "
+        "Exits 1 when the recipe will not fit (docs/training.md, 'Will it fit?').",
+    )
+    p.add_argument("config", nargs="+", metavar="RECIPE_OR_OVERRIDE", help="configs/*.yaml and key=value")
+    p.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="memory of one GPU, e.g. 80GiB, 141GB (default: this machine's first GPU, else 80GiB)",
+    )
+    p.add_argument("--world-size", type=int, default=1, help="GPUs the run uses in all (default 1)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_plan)
+
+
 def add_finetune_parser(sub: Any) -> None:
     p = sub.add_parser(
         "finetune",

@@ -53,7 +53,8 @@ class DataConfig:
     batch_size: int = 8  # per rank
     shuffle_buffer: int = 256  # samples
     decoder: str = "auto"  # clip decoder backend: auto (DALI where installed), dali, pyav
-    decode_threads: int = 0  # DALI threads per rank; 0: the node's cores shared among its ranks
+    # DALI threads per rank (PyAV: 2 or more convert in a helper thread); 0: cores / ranks per node
+    decode_threads: int = 0
     retries: int = 3  # re-reads of a damaged shard (tar error) before it is passed over
     # seconds one store read (shard, index, token rows) may keep failing before the run saves a checkpoint
     # and stops; a store outage shorter than this is waited out (backoff with jitter, ingest.retry)

@@ -1,0 +1,476 @@
+"""Will it fit? The per-GPU memory of one pretraining step, predicted from a recipe (`lvmae plan`).
+
+    plan = plan_step(cfg, world_size=8)           # cfg: a TrainConfig (lvmae train mae's recipes)
+    plan.total, plan.parts                        # bytes at the step's peak, and by component
+    largest_batch(cfg, usable_bytes(80 * GIB), 8)  # the largest data.batch_size that fits
+    recommend(cfg, usable_bytes(80 * GIB), 8)      # the cheapest ZeRO stage / checkpointing that fits
+
+The prediction adds:
+- Model state, by precision, ZeRO stage and world size (`state_bytes`): bytes per parameter as DeepSpeed
+  0.19 holds them with train.engine's config (measured at world size 1 by bench/plan_check.py), the parts
+  ZeRO partitions divided by the world size.
+- Activations (`activation_bytes`): the bytes autograd saves for backward, counted exactly by running the
+  model's real forward and loss on the meta device (no memory, no compute) under a saved-tensor hook. The
+  meta device has no fused attention kernel, so attention is counted as the flash kernels (CUDA's and the
+  CPU's alike) save it: q, k, v, the output and a float32 log-sum-exp per query and head, never the N x N
+  score matrix. With activation checkpointing, each block keeps its input, and one block's activations
+  exist again while it is recomputed in backward.
+- The backward's working memory: the gradients of the largest MLP hidden layer (two N x hidden tensors)
+  and the residual stream's gradient; an estimate, checked on a GPU by bench/gpu_check.sh.
+- The batch in flight: the clips on the device in the training dtype, and the decoder's float32 output
+  too where DALI decodes on the GPU; codes and priorities.
+Not counted: the CUDA context, cuBLAS/NCCL workspaces and the caching allocator's fragmentation: that is
+why `usable_bytes` keeps a reserve of the GPU's memory back.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from lvmae.config import MAEConfig, num_visible
+from lvmae.losses import mae_loss
+from lvmae.mae import MaskedVideoAutoencoder
+from lvmae.masking import MaskPlan, decoder_count
+from train.config import TrainConfig
+
+GIB = 2**30
+RESERVE_BYTES = GIB  # CUDA context, cuBLAS and NCCL workspaces
+RESERVE_FRACTION = 0.10  # the caching allocator's fragmentation
+ZERO3_BUCKET = 50_000_000  # train.engine: reduce_bucket_size / stage3_prefetch_bucket_size (elements)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '81920MiB', '85899345920' -> bytes (GiB/MiB binary, GB/MB decimal)."""
+    units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6}
+    units |= {"mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in units:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 80GiB, 141GB, 81920MiB)")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+def usable_bytes(gpu_bytes: int) -> int:
+    """What a training step may use of a GPU: its memory less RESERVE_BYTES and RESERVE_FRACTION."""
+    return int(gpu_bytes * (1 - RESERVE_FRACTION)) - RESERVE_BYTES
+
+
+# ------------------------------------------------------------------------------------------ model state
+
+
+def state_bytes(n_params: int, precision: str, zero_stage: int, world_size: int) -> dict[str, int]:
+    """Bytes of model state one rank holds during a step -> {weights, gradients, optimizer}.
+
+    bf16: 2-byte weights and gradients, and the optimizer's float32 master weights plus AdamW's two
+    moments (12 bytes a parameter); DeepSpeed partitions the master weights and moments over the ranks at
+    every stage (stage 0 runs its BF16_Optimizer, which partitions them too), gradients from stage 2 and
+    weights at stage 3. fp32: 4-byte weights and gradients; from stage 1 DeepSpeed's ZeRO optimizers keep
+    their own float32 copy of the weight partition beside AdamW's moments (12 bytes a parameter, divided
+    over the ranks); at stage 0 AdamW runs on the weights themselves (8 bytes).
+    Stage 3 (train.engine's config, max_reuse_distance 1e9) keeps every parameter it gathered for the
+    forward until the backward has used it: the whole model is resident at the peak, beside its shard, and
+    the gradients are reduced into float32 partitions plus a bucket of ZERO3_BUCKET elements.
+    """
+    p, n = n_params, world_size
+    e = 2 if precision == "bf16" else 4
+    if precision == "bf16" or zero_stage >= 1:
+        optimizer = 12 * p // n
+    else:
+        optimizer = 8 * p
+    if zero_stage == 3:
+        weights = e * p // n + e * p
+        gradients = 4 * p // n + e * min(p, ZERO3_BUCKET)
+    else:
+        weights = e * p
+        gradients = e * p // n if zero_stage == 2 else e * p
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer}
+
+
+# ----------------------------------------------------------------------------------------- activations
+
+
+class _FlashAttention(torch.autograd.Function):
+    """What F.scaled_dot_product_attention's flash kernels save, on the meta device: q, k, v, the output
+    (laid out (B, N, heads, head_dim), as both kernels return it) and a float32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        b, h, n, hs = q.shape
+        out = q.new_empty((b, n, h, hs)).transpose(1, 2)
+        lse = q.new_empty((b, h, n), dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class _FlashAccounting(TorchFunctionMode):
+    """Within it (this thread only), F.scaled_dot_product_attention is _FlashAttention."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return _FlashAttention.apply(*args[:3])
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class ActivationCount:
+    """Saved-for-backward bytes of one step's forward and loss, by where they were saved."""
+
+    encoder_blocks: list[int] = field(default_factory=list)  # each block's own saved bytes
+    decoder_blocks: list[int] = field(default_factory=list)
+    block_inputs: int = 0  # what checkpointed blocks keep: each block's input
+    other: int = 0  # embeddings, gathers, final norms, head, loss
+    largest_hidden: int = 0  # bytes of the largest MLP hidden activation (N x hidden), one sample batch
+
+    def saved(self, checkpointing: bool) -> int:
+        """Bytes saved for backward at the end of the forward (checkpointing: block inputs only)."""
+        blocks = self.encoder_blocks + self.decoder_blocks
+        if checkpointing:
+            return self.other + self.block_inputs
+        return self.other + sum(blocks)
+
+    def recompute(self, checkpointing: bool) -> int:
+        """With checkpointing, the largest block's activations, alive again while it is recomputed."""
+        return max(self.encoder_blocks + self.decoder_blocks, default=0) if checkpointing else 0
+
+
+def _meta_table(kind: str, dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """A position table's shape without its values (a real one is N x D of float64 work on the CPU)."""
+    return torch.empty((grid[0] * grid[1] * grid[2], dim), device="meta")
+
+
+def _meta_plan(plan: MaskPlan) -> MaskPlan:
+    return MaskPlan(*(t.to("meta") for t in (plan.mask, plan.selected, plan.ids_visible, plan.ids_selected)))
+
+
+@contextmanager
+def _block_labels(model: torch.nn.Module, labels: list[str | None]) -> Iterator[None]:
+    """While a transformer block runs, labels[-1] names it ('encoder.3', 'decoder.0')."""
+    handles = []
+    for part in ("encoder", "decoder"):
+        blocks = model.encoder.transformer.blocks if part == "encoder" else model.decoder.blocks
+        for i, block in enumerate(blocks):
+            name = f"{part}.{i}"
+
+            def pre(_m, args, name=name):
+                labels.append(name)
+
+            def post(_m, _args, _out):
+                labels.pop()
+
+            handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def activation_bytes(model_cfg: MAEConfig, batch: int, dtype: torch.dtype = torch.float32) -> ActivationCount:
+    """Count, exactly, the bytes one training step saves for backward: the model's forward and mae_loss on
+    the meta device in `dtype` (bf16: DeepSpeed's bf16 weights and inputs, no autocast), blocks without
+    checkpointing (ActivationCount.saved applies it). The masks are drawn on the CPU (their sizes are all
+    the count needs); adaptive masking gets uniform random priorities (the same shapes)."""
+    cfg = copy.deepcopy(model_cfg).resolved()
+    cfg.encoder.grad_checkpointing = cfg.decoder.grad_checkpointing = False
+    v = cfg.video
+    gen = torch.Generator().manual_seed(0)
+    with torch.device("meta"), mock.patch("lvmae.mae.position_table", _meta_table):
+        model = MaskedVideoAutoencoder(cfg).to(dtype=dtype).train()
+    priority = torch.rand((batch, *v.grid), generator=gen) if cfg.masking.decoder == "adaptive" else None
+    plan = _meta_plan(model.plan(batch, gen, priority, "cpu"))
+    video = torch.empty((batch, v.in_chans, v.num_frames, v.img_size, v.img_size), device="meta", dtype=dtype)
+    codes = (
+        torch.empty((batch, *v.grid), device="meta", dtype=torch.int64)
+        if cfg.target.kind == "tokens"
+        else None
+    )
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: set[int] = set()
+    by_label: dict[str | None, int] = {}
+    labels: list[str | None] = [None]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in seen and key not in params and t.device.type == "meta":
+            seen.add(key)
+            by_label[labels[-1]] = by_label.get(labels[-1], 0) + storage.nbytes()
+        return t
+
+    inputs: list[int] = []
+
+    def record_input(_m, args):
+        inputs.append(args[0].untyped_storage().nbytes())
+
+    hooks = [
+        b.register_forward_pre_hook(record_input)
+        for b in (*model.encoder.transformer.blocks, *model.decoder.blocks)
+    ]
+    try:
+        with (
+            _block_labels(model, labels),
+            _FlashAccounting(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            mae_loss(cfg, model(video, plan=plan), video=video, codes=codes)
+    finally:
+        for h in hooks:
+            h.remove()
+    enc = [by_label.get(f"encoder.{i}", 0) for i in range(len(model.encoder.transformer.blocks))]
+    dec = [by_label.get(f"decoder.{i}", 0) for i in range(len(model.decoder.blocks))]
+    elem = torch.empty((), dtype=dtype).element_size()
+    hidden = max(
+        plan.num_visible * int(cfg.encoder.embed_dim * cfg.encoder.mlp_ratio),
+        (plan.num_visible + plan.num_selected) * int(cfg.decoder.embed_dim * cfg.decoder.mlp_ratio),
+    )
+    return ActivationCount(enc, dec, sum(inputs), by_label.get(None, 0), batch * hidden * elem)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class StepPlan:
+    """One rank's predicted peak during a training step, by component (bytes)."""
+
+    parts: dict[str, int]
+    n_params: int
+    batch: int
+    frames: int
+    precision: str
+    zero_stage: int
+    world_size: int
+    checkpointing: bool
+    decoded: int  # tokens the decoder reconstructs per clip
+    visible: int  # tokens the encoder sees per clip
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def activations(self) -> int:
+        return self.parts["activations (saved for backward)"]
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def plan_precision(cfg: TrainConfig) -> str:
+    """The precision a GPU run of `cfg` trains in: `auto` means bf16 there (train.engine.resolve_precision)."""
+    return "bf16" if cfg.run.precision == "auto" else cfg.run.precision
+
+
+def plan_step(cfg: TrainConfig, world_size: int = 1, gpu_decode: bool | None = None) -> StepPlan:
+    """Predict one rank's peak memory for a TrainConfig (lvmae train mae) on GPUs, at its data.batch_size,
+    run.zero_stage, run.activation_checkpointing and precision (`auto`: bf16). gpu_decode: the loader
+    decodes on the GPU (DALI); None: when data.decoder is auto or dali."""
+    model_cfg = cfg.model_config()
+    precision = plan_precision(cfg)
+    dtype = _dtype(precision)
+    b, ckpt, stage = cfg.data.batch_size, bool(cfg.run.activation_checkpointing), cfg.run.zero_stage
+    with torch.device("meta"), mock.patch("lvmae.mae.position_table", _meta_table):
+        n_params = sum(p.numel() for p in MaskedVideoAutoencoder(model_cfg).parameters())
+    acts = activation_bytes(model_cfg, b, dtype)
+    v = model_cfg.video
+    elem = torch.empty((), dtype=dtype).element_size()
+    clip = b * v.in_chans * v.num_frames * v.img_size**2
+    if gpu_decode is None:
+        gpu_decode = cfg.data.decoder in ("auto", "dali")
+    batch = clip * elem + (clip * 4 if gpu_decode else 0) + b * v.num_tokens * (8 + 4)
+    state = state_bytes(n_params, precision, stage, world_size)
+    m = model_cfg.masking
+    visible = num_visible(v.grid, m.encoder, m.encoder_ratio)
+    decoded = decoder_count(v.num_tokens, v.num_tokens - visible, m.decoder, m.decoder_budget)
+    # the residual stream's gradient, at its widest (the decoder's sequence, the wider model's width)
+    residual = b * (visible + decoded) * max(model_cfg.encoder.embed_dim, model_cfg.decoder.embed_dim) * elem
+    parts = {
+        "weights": state["weights"],
+        "gradients": state["gradients"],
+        "optimizer (master + AdamW)": state["optimizer"],
+        "activations (saved for backward)": acts.saved(ckpt),
+        "recomputed block (checkpointing)": acts.recompute(ckpt),
+        "backward working set": 2 * acts.largest_hidden + residual,
+        "batch on the device": batch,
+    }
+    return StepPlan(parts, n_params, b, v.num_frames, precision, stage, world_size, ckpt, decoded, visible)
+
+
+def with_overrides(cfg: TrainConfig, **changes: object) -> TrainConfig:
+    """A copy of a TrainConfig with data.batch_size / run.* / model.video.num_frames changed."""
+    out = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        section, name = {
+            "batch_size": ("data", "batch_size"),
+            "zero_stage": ("run", "zero_stage"),
+            "activation_checkpointing": ("run", "activation_checkpointing"),
+            "precision": ("run", "precision"),
+        }.get(key, (None, key))
+        if key == "num_frames":
+            out.model.video.num_frames = value
+        else:
+            setattr(getattr(out, section), name, value)
+    return out
+
+
+def largest_batch(cfg: TrainConfig, budget: int, world_size: int = 1, limit: int = 4096) -> int:
+    """The largest data.batch_size whose step fits in `budget` bytes (0: not even one clip). From batch 2
+    on, every part of the plan is affine in the batch (at batch 1 a few tensors are views that are copies
+    at larger batches), so the plans at batch 2 and 3 give the rest."""
+    one, two, three = (plan_step(with_overrides(cfg, batch_size=b), world_size).total for b in (1, 2, 3))
+    if one > budget:
+        return 0
+    if two > budget:
+        return 1
+    per_clip = max(three - two, 1)
+    return int(min(limit, 2 + (budget - two) // per_clip))
+
+
+def longest_clip(cfg: TrainConfig, budget: int, world_size: int = 1, limit: int = 4096) -> int:
+    """The longest clip (frames, a multiple of the tubelet, at batch 1) whose step fits, by bisection over
+    the tubelet count; 0 if even one tubelet of frames does not fit."""
+    t = cfg.model.video.tubelet_size
+
+    def fits(frames: int) -> bool:
+        return plan_step(with_overrides(cfg, batch_size=1, num_frames=frames), world_size).total <= budget
+
+    lo, hi = 0, limit // t
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * t):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * t
+
+
+# Cheapest first: ZeRO stages before checkpointing (recomputing every block costs about a third more
+# compute; ZeRO-2/3 cost communication), and stage 3 last (it re-gathers every parameter in forward and
+# backward).
+CHOICES = [(1, False), (2, False), (3, False), (1, True), (2, True), (3, True)]
+
+
+def recommend(cfg: TrainConfig, budget: int, world_size: int = 1) -> tuple[int, bool] | None:
+    """The cheapest (zero_stage, activation_checkpointing) with which the recipe's batch fits; None."""
+    for stage, ckpt in CHOICES:
+        if (
+            plan_step(with_overrides(cfg, zero_stage=stage, activation_checkpointing=ckpt), world_size).total
+            <= budget
+        ):
+            return stage, ckpt
+    return None
+
+
+__all__ = [
+    "GIB",
+    "ActivationCount",
+    "StepPlan",
+    "activation_bytes",
+    "largest_batch",
+    "longest_clip",
+    "parse_bytes",
+    "plan_step",
+    "recommend",
+    "state_bytes",
+    "usable_bytes",
+]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report(cfg: TrainConfig, gpu_bytes: int, world_size: int = 1, search_limit: int = 4096) -> dict:
+    """Everything `lvmae plan` prints, JSON-able: the step's parts, whether it fits, the largest batch, the
+    longest clip at batch 1 and the cheapest ZeRO stage / checkpointing that fits the recipe's batch."""
+    plan = plan_step(cfg, world_size)
+    budget = usable_bytes(gpu_bytes)
+    choice = recommend(cfg, budget, world_size)
+    m = cfg.model_config()
+    return {
+        "recipe": {
+            "preset": m.preset,
+            "frames": m.video.num_frames,
+            "img_size": m.video.img_size,
+            "tokens": m.video.num_tokens,
+            "visible": plan.visible,
+            "decoded": plan.decoded,
+            "decoder": m.masking.decoder,
+            "target": m.target.kind,
+            "params": plan.n_params,
+            "batch_size": plan.batch,
+            "precision": plan.precision,
+            "zero_stage": plan.zero_stage,
+            "activation_checkpointing": plan.checkpointing,
+        },
+        "world_size": world_size,
+        "gpu_bytes": gpu_bytes,
+        "usable_bytes": budget,
+        "parts": plan.parts,
+        "total_bytes": plan.total,
+        "fits": plan.total <= budget,
+        "largest_batch": largest_batch(cfg, budget, world_size),
+        "longest_clip_frames": longest_clip(cfg, budget, world_size, search_limit),
+        "search_limit_frames": search_limit,
+        "recommended": None
+        if choice is None
+        else {"zero_stage": choice[0], "activation_checkpointing": choice[1]},
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:,.2f}"
+
+
+def format_report(r: dict) -> str:
+    """The report as `lvmae plan` prints it: a table by component, then the verdicts."""
+    c = r["recipe"]
+    ckpt = "on" if c["activation_checkpointing"] else "off"
+    lines = [
+        f"ViT-{c['preset']} MAE ({c['params'] / 1e6:.1f} M parameters), {c['frames']} frames of {c['img_size']} px: "
+        f"{c['tokens']} tokens, the encoder sees {c['visible']}, the decoder rebuilds {c['decoded']} ({c['decoder']}, "
+        f"{c['target']} targets)",
+        f"batch {c['batch_size']} per GPU, {c['precision']}, ZeRO-{c['zero_stage']}, activation checkpointing {ckpt}, "
+        f"{r['world_size']} GPU{'s' if r['world_size'] > 1 else ''} of {_gib(r['gpu_bytes'])} GiB",
+        "",
+        f"{'per GPU, at the step peak':<36} {'GiB':>9}",
+    ]
+    lines += [f"  {name:<34} {_gib(n):>9}" for name, n in r["parts"].items()]
+    lines += [
+        f"  {'total':<34} {_gib(r['total_bytes']):>9}",
+        f"  {'usable (less 10% and 1 GiB)':<34} {_gib(r['usable_bytes']):>9}",
+        "",
+    ]
+    share = r["total_bytes"] / max(r["usable_bytes"], 1)
+    lines.append(f"fits: {'yes' if r['fits'] else 'NO'} ({100 * share:.0f}% of the usable memory)")
+    lines.append(f"largest batch per GPU that fits: {r['largest_batch']}")
+    longest = r["longest_clip_frames"]
+    at_limit = " (the search's limit)" if longest >= r["search_limit_frames"] else ""
+    lines.append(f"longest clip at batch 1: {longest} frames{at_limit}")
+    rec = r["recommended"]
+    if rec is None:
+        lines.append(
+            "recommended: none fits: lower data.batch_size, the clip length or the model, or add GPUs"
+        )
+    else:
+        how = "with" if rec["activation_checkpointing"] else "without"
+        lines.append(
+            f"recommended: run.zero_stage={rec['zero_stage']} run.activation_checkpointing="
+            f"{str(rec['activation_checkpointing']).lower()} (the cheapest that fits batch {c['batch_size']}: "
+            f"ZeRO-{rec['zero_stage']} {how} recomputation)"
+        )
+    return "\n".join(lines)

@@ -84,6 +84,16 @@ class RetryPolicy:
         return base * (1 + self.jitter * (2 * rng.random() - 1))
 
 
+def store_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes a store read raises: OSError, and botocore's where it is installed (it comes
+    with s3fs; a machine reading only local files may lack it)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
 def is_transient(err: BaseException) -> bool:
     """True for failures that waiting may cure: lost connections, timeouts, 5xx and throttling answers."""
     if isinstance(err, (StoreUnavailable, *_PERMANENT_OSERRORS)):

@@ -29,14 +29,16 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from botocore.exceptions import BotoCoreError, ClientError
 
 from ingest.labels import LabelError, LabelSpec, SampleFilter
-from ingest.retry import RetryPolicy, StoreRetry, is_transient
+from ingest.retry import RetryPolicy, StoreRetry, is_transient, store_errors
 from ingest.samples import tar_samples  # (KEY, {extension: bytes}) per sample of a tar stream
 from ingest.storage import Store
 
 Sample = tuple[str, dict[str, bytes]]  # (KEY, {extension: bytes})
+
+
+STORE_ERRORS = store_errors()  # OSError, and botocore's errors where botocore is installed
 
 
 class LoaderError(Exception):
@@ -97,7 +99,7 @@ def read_shards(
                     time.sleep(min(0.1 * 2**damaged, 2.0))
                 except Exception as err:
                     if not is_transient(err):
-                        if isinstance(err, OSError | BotoCoreError | ClientError):
+                        if isinstance(err, STORE_ERRORS):
                             raise LoaderError(f"cannot read shard {name}: {err}") from err
                         raise
                     if retry.policy.deadline_s > 0:
@@ -340,7 +342,7 @@ class ClipLoader:
             index = self.store.read_json("index.json")
         except FileNotFoundError:
             raise LoaderError(f"{self.store.url} is not a complete data set (no index.json)") from None
-        except (OSError, BotoCoreError, ClientError) as err:
+        except STORE_ERRORS as err:
             raise LoaderError(f"cannot read {self.store.uri('index.json')}: {err}") from err
         try:
             self.filter = SampleFilter(index, LabelSpec(split, labels), self.store.url)

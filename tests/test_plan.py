@@ -204,7 +204,13 @@ def test_cli_prints_the_table_and_the_verdicts() -> None:
     proc = run_plan("configs/vitb_128f.yaml", "--gpu-memory", "80GiB", "--world-size", "8")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for line in ("weights", "optimizer", "activations (saved for backward)", "batch on the device", "total"):
+    for line in (
+        "weights",
+        "optimizer",
+        "activations (saved for backward)",
+        "batches on the device",
+        "total",
+    ):
         assert line in out
     assert "fits: yes" in out and "largest batch per GPU that fits:" in out
     assert "longest clip at batch 1:" in out and "recommended: run.zero_stage=" in out

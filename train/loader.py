@@ -131,6 +131,9 @@ def shuffle(samples: Iterable[Any], buffer_size: int, gen: np.random.Generator) 
 
 _END = object()  # the read-ahead thread's last item, after the stream (or beside the error that ended it)
 READER_THREAD = "lvmae-loader-prefetch"
+# Decoded batches the trainer reads ahead of its step (the prefetch queue); its reader thread can hold
+# one more, so up to READ_AHEAD_BATCHES + 1 batches wait beside the one a step uses (train.plan counts them).
+READ_AHEAD_BATCHES = 2
 
 
 def join_readers(timeout: float) -> bool:

@@ -17,8 +17,9 @@ The prediction adds:
   exist again while it is recomputed in backward.
 - The backward's working memory: the gradients of the largest MLP hidden layer (two N x hidden tensors)
   and the residual stream's gradient; an estimate, checked on a GPU by bench/gpu_check.sh.
-- The batch in flight: the clips on the device in the training dtype, and the decoder's float32 output
-  too where DALI decodes on the GPU; codes and priorities.
+- The batches in flight: the clips on the device in the training dtype; where DALI decodes on the GPU,
+  also the float32 batch they were cast from and the batches the trainer reads ahead (float32, on the
+  GPU too); codes and priorities.
 Not counted: the CUDA context, cuBLAS/NCCL workspaces and the caching allocator's fragmentation: that is
 why `usable_bytes` keeps a reserve of the GPU's memory back.
 """
@@ -41,6 +42,7 @@ from lvmae.losses import mae_loss
 from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.masking import MaskPlan, decoder_count
 from train.config import TrainConfig
+from train.loader import READ_AHEAD_BATCHES
 
 GIB = 2**30
 RESERVE_BYTES = GIB  # CUDA context, cuBLAS and NCCL workspaces
@@ -292,7 +294,10 @@ def plan_step(cfg: TrainConfig, world_size: int = 1, gpu_decode: bool | None = N
     clip = b * v.in_chans * v.num_frames * v.img_size**2
     if gpu_decode is None:
         gpu_decode = cfg.data.decoder in ("auto", "dali")
-    batch = clip * elem + (clip * 4 if gpu_decode else 0) + b * v.num_tokens * (8 + 4)
+    # The step's clips in the training dtype; decoded on the GPU, also the float32 batch they were cast
+    # from and the batches read ahead (train.loader.READ_AHEAD_BATCHES, and one in the reader's hands).
+    decoded = (1 + READ_AHEAD_BATCHES + 1) * clip * 4 if gpu_decode else 0
+    batch = clip * elem + decoded + b * v.num_tokens * (8 + 4)
     state = state_bytes(n_params, precision, stage, world_size)
     m = model_cfg.masking
     visible = num_visible(v.grid, m.encoder, m.encoder_ratio)
@@ -306,7 +311,7 @@ def plan_step(cfg: TrainConfig, world_size: int = 1, gpu_decode: bool | None = N
         "activations (saved for backward)": acts.saved(ckpt),
         "recomputed block (checkpointing)": acts.recompute(ckpt),
         "backward working set": 2 * acts.largest_hidden + residual,
-        "batch on the device": batch,
+        "batches on the device": batch,
     }
     return StepPlan(parts, n_params, b, v.num_frames, precision, stage, world_size, ckpt, decoded, visible)
 

@@ -46,7 +46,7 @@ from train.engine import (
     model_init_context,
     resolve_precision,
 )
-from train.loader import ClipLoader, join_readers, prefetch
+from train.loader import READ_AHEAD_BATCHES, ClipLoader, join_readers, prefetch
 from train.metrics import TrainMetrics, peak_memory_bytes, write_targets
 from train.rundir import RunDir
 from train.tasks import Task
@@ -362,7 +362,7 @@ def train(task: Task, cfg: Any, resume: str = "none") -> dict[str, Any]:
     loader_state = loader.state_dict()
     started, first_step = time.perf_counter(), step
     saved = step if start is not None else -1  # the step of the newest checkpoint
-    batches = prefetch(iter(loader), depth=2)  # decoding of the next batches overlaps this step
+    batches = prefetch(iter(loader), depth=READ_AHEAD_BATCHES)  # decoding the next batches overlaps this step
     try:
         while step < cfg.run.steps:
             t0 = time.perf_counter()

@@ -296,8 +296,8 @@ def plan_step(cfg: TrainConfig, world_size: int = 1, gpu_decode: bool | None = N
         gpu_decode = cfg.data.decoder in ("auto", "dali")
     # The step's clips in the training dtype; decoded on the GPU, also the float32 batch they were cast
     # from and the batches read ahead (train.loader.READ_AHEAD_BATCHES, and one in the reader's hands).
-    decoded = (1 + READ_AHEAD_BATCHES + 1) * clip * 4 if gpu_decode else 0
-    batch = clip * elem + decoded + b * v.num_tokens * (8 + 4)
+    on_gpu = (1 + READ_AHEAD_BATCHES + 1) * clip * 4 if gpu_decode else 0
+    batch = clip * elem + on_gpu + b * v.num_tokens * (8 + 4)
     state = state_bytes(n_params, precision, stage, world_size)
     m = model_cfg.masking
     visible = num_visible(v.grid, m.encoder, m.encoder_ratio)
@@ -319,17 +319,10 @@ def plan_step(cfg: TrainConfig, world_size: int = 1, gpu_decode: bool | None = N
 def with_overrides(cfg: TrainConfig, **changes: object) -> TrainConfig:
     """A copy of a TrainConfig with data.batch_size / run.* / model.video.num_frames changed."""
     out = copy.deepcopy(cfg)
+    sections = {"batch_size": out.data, "num_frames": out.model.video}
+    sections |= dict.fromkeys(("zero_stage", "activation_checkpointing", "precision"), out.run)
     for key, value in changes.items():
-        section, name = {
-            "batch_size": ("data", "batch_size"),
-            "zero_stage": ("run", "zero_stage"),
-            "activation_checkpointing": ("run", "activation_checkpointing"),
-            "precision": ("run", "precision"),
-        }.get(key, (None, key))
-        if key == "num_frames":
-            out.model.video.num_frames = value
-        else:
-            setattr(getattr(out, section), name, value)
+        setattr(sections[key], key, value)
     return out
 
 

@@ -395,33 +395,15 @@ def peak_bf16(device: torch.device) -> tuple[float | None, str]:
     return None, f"unknown chip {name!r}: MFU not computed (see matmul_mfu for the measured rate)"
 
 
-def plan_train_config(cfg: Any, batch: int, precision: str, overrides: tuple[str, ...] = ()) -> Any:
-    """A TrainConfig whose model is `cfg` (a resolved MAEConfig) with one bare-model step's settings:
+def plan_train_config(cfg: Any, batch: int, precision: str) -> Any:
+    """A TrainConfig whose model is `cfg` (a resolved MAEConfig), with one bare-model step's settings:
     batch, precision, ZeRO-0 (gradients whole, in the training dtype), no checkpointing."""
+    from lvmae.config import to_dict
     from train.config import load_train_config
 
-    v, m = cfg.video, cfg.masking
-    items = [
-        f"model.preset={cfg.preset}",
-        f"model.video.num_frames={v.num_frames}",
-        f"model.video.img_size={v.img_size}",
-        f"model.video.tubelet_size={v.tubelet_size}",
-        f"model.video.patch_size={v.patch_size}",
-        f"model.masking.encoder={m.encoder}",
-        f"model.masking.encoder_ratio={m.encoder_ratio}",
-        f"model.masking.decoder={m.decoder}",
-        f"model.masking.decoder_budget={m.decoder_budget}",
-        f"model.target.kind={cfg.target.kind}",
-        f"model.pos_embed={cfg.pos_embed}",
-        "data.url=synthetic",
-        "data.tokens=synthetic",
-        f"data.batch_size={batch}",
-        f"run.precision={precision}",
-        "run.zero_stage=0",
-        "run.activation_checkpointing=false",
-        *overrides,
-    ]
-    return load_train_config([REPO / "configs" / "vitb_128f.yaml"], items)
+    run = {"precision": precision, "zero_stage": 0, "activation_checkpointing": False}
+    data = {"url": "synthetic", "tokens": "synthetic", "batch_size": batch}
+    return load_train_config([{"model": to_dict(cfg), "data": data, "run": run}])
 
 
 def bare_step(cfg, model, batch: int, ctx: Context, state: set[int]) -> dict[str, Any]:
@@ -779,10 +761,10 @@ def section_train(rec: dict[str, Any], clock: Clock, ctx: Context) -> None:
 
 
 def section_tokenizer(rec: dict[str, Any], clock: Clock, ctx: Context) -> None:
-    """Tokenizer.encode as `lvmae ingest tokens` runs it (bf16 autocast on CUDA, fp32 on a CPU), on
+    """Tokenizer.encode as `lvmae ingest tokens` runs it (ingest.tokens.encode_clips), on
     random uint8 clips already decoded: host -> device, encode, codes and priorities back to the host;
     at each batch size of the settings (a failure at one is recorded, the others still run)."""
-    from ingest.decode import to_model_input
+    from ingest.tokens import encode_clips
     from lvmae.tokenizer import Tokenizer
 
     s, dev = ctx.settings, ctx.device
@@ -808,10 +790,7 @@ def section_tokenizer(rec: dict[str, Any], clock: Clock, ctx: Context) -> None:
         clips = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
 
         def encode() -> None:
-            video = to_model_input(clips, dev)
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                codes, priority = model.encode(video)
-            codes.cpu(), priority.float().cpu()  # the host copies are the sync point
+            encode_clips(model, clips, str(dev))  # the host copies of codes and priorities: the sync point
 
         row: dict[str, Any] = {"batch": b}
         if cuda:

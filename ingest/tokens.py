@@ -159,6 +159,18 @@ def _decode_sample(key: str, parts: dict[str, bytes], ext: str, frames: int, siz
     return clip
 
 
+def encode_clips(model: Any, clips: np.ndarray | torch.Tensor, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """A frozen tokenizer on a batch of decoded clips (B, T, H, W, 3) uint8 -> (codes, priority) on the
+    host, (B, T', H', W') each, priority float32. bf16 on CUDA for the encoder's convs (tensor-core speed;
+    FSQ rounds in float32), the small scorer in float32 outside autocast (bf16 logits would tie); fp32 on
+    the CPU."""
+    video = to_model_input(clips, device)
+    cuda = torch.device(device).type == "cuda"
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+        codes, priority = model.encode(video)
+    return codes.cpu().numpy(), priority.float().cpu().numpy()
+
+
 def _prefetch(pool: cf.Executor, items: Any, fn: Any, depth: int):
     """(item, fn(*item)) in order, keeping up to `depth` calls in flight on `pool`."""
     queue: collections.deque = collections.deque()
@@ -241,14 +253,9 @@ class _Run:
         def flush() -> None:
             if batch:
                 rows = [pos for pos, _ in batch]
-                video = to_model_input(np.stack([x for _, x in batch]), self.device)
-                # bf16 on CUDA for the encoder's convs (tensor-core speed; FSQ rounds in float32), the
-                # small scorer in float32 outside autocast (bf16 logits would tie); fp32 on the CPU.
-                cuda = torch.device(self.device).type == "cuda"
-                with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                    c, p = self.model.encode(video)
-                codes[rows] = c.cpu().numpy().astype(codes.dtype)
-                priority[rows] = p.float().cpu().numpy()
+                c, p = encode_clips(self.model, np.stack([x for _, x in batch]), self.device)
+                codes[rows] = c.astype(codes.dtype)
+                priority[rows] = p
                 valid[rows] = True
                 tick(len(batch))
                 batch.clear()

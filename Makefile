@@ -50,7 +50,7 @@ format: venv
 
 demo: venv
 	$(BIN)/lvmae info
-	$(BIN)/python -m train.demo --out $(DEMO_OUT) --store $(STORE)
+	$(BIN)/python -m lvmae_cli.demo --out $(DEMO_OUT) --store $(STORE)
 
 # About 40 minutes on the 2-core CPU machines (docs/benchmarks.md); ingest_throughput needs Debian's ffmpeg.
 # The ablations run in their quick mode here; the full table (42 minutes): bench/ablations.py.

@@ -70,7 +70,7 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def lvmae(*args: str, log: Path) -> None:
-    run([sys.executable, "-m", "lvmae.cli", *args], log)
+    run([sys.executable, "-m", "lvmae_cli", *args], log)
 
 
 def prepare_data(root: Path, args: argparse.Namespace) -> dict[str, str]:

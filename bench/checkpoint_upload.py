@@ -37,10 +37,11 @@ def run_one(recipe: str, saves: int, url: str, stage: str, overrides: list[str])
 
     from train.checkpoint import StoredCheckpoints
     from train.config import load_train_config, saved_yaml
+    from train.dist import join_process_group
     from train.engine import build_engine, model_init_context, resolve_precision
     from train.rundir import RunDir
     from train.tasks import MAETask
-    from train.trainer import join_process_group, step_seed
+    from train.trainer import step_seed
 
     cfg = load_train_config(
         [REPO / "configs" / f"{recipe}.yaml"], ["data.url=synthetic", "data.tokens=synthetic", *overrides]

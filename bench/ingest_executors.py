@@ -71,7 +71,7 @@ def main() -> int:
     args = parser.parse_args()
 
     # Here, not at the top: spawned pool workers import this module, and this one imports torch (1.5 s).
-    from ingest.benchmark import write_benchmark
+    from ingest.synth import write_benchmark
 
     spec = ClipSpec(num_frames=args.frames, size=args.size)
     cfg = IngestConfig(clip=spec, shard_clips=args.shard_clips, workers=args.workers)

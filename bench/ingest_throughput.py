@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ingest.clip_plan import clip_starts
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
-from ingest.plan import clip_starts
 from ingest.samples import sample_videos
 from ingest.video import probe
 
@@ -113,8 +113,9 @@ def run_lvmae(
 
 def run_tokens(dataset: Path, frames: int, size: int) -> dict:
     from ingest.tokens import ingest_tokens
-    from lvmae.config import TokenizerConfig, VideoSpec
+    from lvmae.config import VideoSpec
     from lvmae.tokenizer import Tokenizer, save_tokenizer
+    from lvmae.tokenizer_config import TokenizerConfig
 
     tok = Tokenizer(TokenizerConfig(video=VideoSpec(num_frames=frames, img_size=size), base_channels=16))
     save_tokenizer(tok, dataset / "_bench_tokenizer")

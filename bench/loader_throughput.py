@@ -4,7 +4,7 @@ In one run, on one fixed data set of VP9 clip shards (built once with `ingest_cl
 sample videos, cached under --work):
 
   raw       the limit: the clips' bytes already in memory, decoded by DaliClipDecoder (CPU; float as the
-            loader returns it, and uint8) and by PyAV (ingest.decode.decode_clip per clip, uint8, one
+            loader returns it, and uint8) and by PyAV (ingest.clip_decode.decode_clip per clip, uint8, one
             core; PyAVClipDecoder for float, with its conversion thread and with num_threads=1). No I/O,
             no tar parsing.
   loader    train.loader.ClipLoader (decoder "dali" and "pyav"), from the local shards and from a
@@ -57,11 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from ingest.clip_decode import decode_clip, to_model_input
 from ingest.clips import IngestError, ingest_clips
 from ingest.config import ClipSpec, IngestConfig
-from ingest.decode import decode_clip, to_model_input
-from ingest.samples import sample_videos
-from train.loader import ClipLoader, tar_samples
+from ingest.samples import sample_videos, tar_samples
+from train.loader import ClipLoader
 
 BUCKET = "lvmae-bench"
 
@@ -362,7 +362,7 @@ def chunks(items: list[bytes], size: int, passes: int) -> Iterator[list[bytes]]:
 
 
 def raw_dali(clips: list[bytes], args: argparse.Namespace, uint8: bool) -> Iterator[torch.Tensor]:
-    from train.decode import DaliClipDecoder
+    from train.decoders import DaliClipDecoder
 
     decoder = DaliClipDecoder(args.frames, args.size, args.batch_size, device="cpu", uint8=uint8)
     for batch in chunks(clips, args.batch_size, args.passes):
@@ -380,7 +380,7 @@ def raw_pyav_uint8(clips: list[bytes], args: argparse.Namespace) -> Iterator[int
 
 
 def raw_pyav_float(clips: list[bytes], args: argparse.Namespace, threads: int = 2) -> Iterator[torch.Tensor]:
-    from train.decode import PyAVClipDecoder
+    from train.decoders import PyAVClipDecoder
 
     decoder = PyAVClipDecoder(args.frames, args.size, batch_size=args.batch_size, num_threads=threads)
     for batch in chunks(clips, args.batch_size, args.passes):
@@ -421,7 +421,7 @@ def wds_loader(
     )
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     for batch in loader:
-        # uint8 shipped: the main process converts, the way ingest.decode.to_model_input does
+        # uint8 shipped: the main process converts, the way ingest.clip_decode.to_model_input does
         yield to_model_input(batch) if convert_after and not to_float else batch
 
 

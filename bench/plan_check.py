@@ -2,7 +2,7 @@
 
 1. Activations: for 16 to 128 frames and decoder `all`, 0.5 and 0.15 (ViT-B, 224 px, batch 1, pixel
    targets, fp32; the grid of bench/fig1_memory.py), the plan's saved-for-backward bytes
-   (train.plan.activation_bytes, counted on the meta device) against the bytes autograd really saves in one
+   (train.activations.activation_bytes, counted on the meta device) against the bytes autograd really saves in one
    CPU step (fig1_memory.saved_tensor_bytes), each point in a fresh process. Also with activation
    checkpointing, at 128 frames.
 2. Model state: a real one-rank DeepSpeed engine (the recipe's config from train.engine) on the CPU for
@@ -37,7 +37,7 @@ GIB = 2**30
 
 def activation_case(frames: int, decoder: str, checkpointing: bool) -> dict:
     """One grid point in this (fresh) process: predicted and measured saved bytes of a ViT-B step."""
-    from train.plan import activation_bytes
+    from train.activations import activation_bytes
 
     cfg, model, video, plan = build("base", frames, decoder, torch.device("cpu"))
     predicted = activation_bytes(cfg, 1, torch.float32).saved(checkpointing)
@@ -78,7 +78,7 @@ def state_case(stage: int, precision: str) -> dict:
     """A one-rank engine of preset `small`, two steps on random clips; -> live state bytes and the plan's."""
     from train.config import load_train_config
     from train.engine import build_engine, init_distributed, model_init_context
-    from train.plan import state_bytes
+    from train.memory import state_bytes
     from train.tasks import MAETask
 
     overrides = ["data.url=unused", "data.tokens=unused", "model.preset=small", "model.target.kind=pixels"]

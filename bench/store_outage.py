@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-LVMAE = [sys.executable, "-m", "lvmae.cli"]
+LVMAE = [sys.executable, "-m", "lvmae_cli"]
 VIDEO = ["model.video.num_frames=8", "model.video.img_size=32", "model.video.patch_size=8"]
 
 
@@ -37,8 +37,9 @@ def make_data(root: Path) -> tuple[Path, str]:
     from ingest.config import ClipSpec, IngestConfig
     from ingest.samples import sample_videos
     from ingest.tokens import ingest_tokens
-    from lvmae.config import TokenizerConfig, VideoSpec
+    from lvmae.config import VideoSpec
     from lvmae.tokenizer import Tokenizer, save_tokenizer
+    from lvmae.tokenizer_config import TokenizerConfig
 
     sources = [str(p) for p in sample_videos().values()]
     ingest_clips(
@@ -82,7 +83,7 @@ def run(url: str, tid: str, out: Path, steps: int, env: dict[str, str]) -> subpr
 
 
 def losses(out: Path) -> list[tuple[int, float]]:
-    from train.trainer import read_log
+    from train.runlog import read_log
 
     return [(r["step"], r["loss"]) for r in read_log(out / "train_log.jsonl")]
 

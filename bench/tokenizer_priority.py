@@ -1,6 +1,6 @@
 """Does the tokenizer's priority find what changes? Lift of its top-15% tokens on procedural clips.
 
-Clips (ingest.synth): a still textured background, textured objects sliding over it, flickering patches;
+Clips (ingest.scenes): a still textured background, textured objects sliding over it, flickering patches;
 the pixels that change are known. A tokenizer is trained on such clips (plain PyTorch, one process) and
 evaluated on held-out ones every --eval-every steps:
 
@@ -37,10 +37,11 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ingest.synth import SceneSpec, moving_objects_clip, token_change
+from ingest.scenes import SceneSpec, moving_objects_clip, token_change
 from lvmae import diagnostics as dg
-from lvmae.config import TokenizerConfig, VideoSpec
+from lvmae.config import VideoSpec
 from lvmae.tokenizer import Tokenizer, tokenizer_loss
+from lvmae.tokenizer_config import TokenizerConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

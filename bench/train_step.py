@@ -37,9 +37,10 @@ def run_one(recipe: str, steps: int, overrides: list[str]) -> dict:
     import torch
 
     from train.config import load_train_config
+    from train.dist import join_process_group
     from train.engine import build_engine, model_init_context, resolve_precision
     from train.tasks import MAETask
-    from train.trainer import join_process_group, step_seed
+    from train.trainer import step_seed
 
     cfg = load_train_config(
         [REPO / "configs" / f"{recipe}.yaml"], ["data.url=synthetic", "data.tokens=synthetic", *overrides]

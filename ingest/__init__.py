@@ -1,1 +1,1 @@
-"""Corpus -> clip shards -> token store (see issue: lvmae ingest)."""
+"""Corpus -> clip shards -> token store: `lvmae ingest clips|tokens|synth` (docs/ingest.md)."""

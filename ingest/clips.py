@@ -7,28 +7,25 @@ Layout under --out:
   errors.jsonl               every skipped source or clip: {"source", "reason", "detail"}; a source too
                              short for one clip (reason too-short) also gives its frame counts
   index.json                 written LAST, once every shard is recorded: its presence means complete
+
+This module runs an ingest: it probes the sources, plans clips and shards (ingest.clip_plan), skips the
+shards already recorded, hands the rest to a runner (in process, a process pool, or Ray through
+ingest.ray_executor), and finalizes errors.jsonl and index.json. Each shard's own work (fetching its
+sources, cutting, the tar and its record) is ingest.shards.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
-import io
 import json
 import multiprocessing
-import os
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from itertools import groupby
 from typing import Any
 
 from ingest import labels
-from ingest.config import ClipSpec, IngestConfig
-from ingest.plan import (
-    Clip,
+from ingest.clip_plan import (
     VideoInfo,
     clip_span,
     estimate_clip_bytes,
@@ -39,188 +36,17 @@ from ingest.plan import (
     sampling_step,
     shards_of_node,
 )
-from ingest.retry import StoreRetry
+from ingest.config import ClipSpec, IngestConfig
+from ingest.shards import ShardTask, probe_source, run_shard_in_worker, shard_name, write_shard
 from ingest.sources import Source, expand_sources
 from ingest.storage import Store
-from ingest.video import BadVideo, clip_extension, cut_clips, probe, sha256_hex
+from ingest.video import clip_extension
 
 FORMAT_VERSION = 1
 
 
 class IngestError(Exception):
     """Ingest cannot go on (nothing usable, a conflicting earlier run, --strict): a user error."""
-
-
-def shard_name(k: int) -> str:
-    return f"shards/shard-{k:06d}"
-
-
-def _open_source(uri: str, storage_options: dict[str, Any]):
-    """A path for local files (fastest for libav), else an fsspec file object."""
-    if "://" not in uri or uri.startswith("file://"):
-        path = uri.removeprefix("file://")
-        if os.path.getsize(path) == 0:
-            raise BadVideo("empty", "zero-byte file")
-        return path
-    import fsspec
-
-    f = fsspec.open(uri, "rb", **storage_options).open()
-    if f.size == 0:
-        f.close()
-        raise BadVideo("empty", "zero-byte file")
-    return f
-
-
-def _remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def _fetch_source(uri: str, storage_options: dict[str, Any], tmp: str, retry: StoreRetry) -> str:
-    """A local path to decode `uri` from: itself if local, else a copy downloaded into `tmp` (a store
-    outage is waited out; libav reading over the network could not tell an outage from a corrupt file)."""
-    if not _remote(uri):
-        return _open_source(uri, storage_options)
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    local = os.path.join(tmp, "source" + os.path.splitext(path)[1])
-    retry.call(lambda: fs.get_file(path, local), f"downloading {uri}")
-    if os.path.getsize(local) == 0:
-        raise BadVideo("empty", "zero-byte file")
-    return local
-
-
-def probe_source(
-    src: Source, storage_options: dict[str, Any], retry: StoreRetry | None = None
-) -> VideoInfo | dict[str, str]:
-    """VideoInfo, or an error record {"source", "reason", "detail"}. A remote source is probed again
-    through a store outage (up to the retry deadline, then StoreUnavailable), never recorded as bad for it."""
-
-    def attempt() -> VideoInfo:
-        handle = _open_source(src.uri, storage_options)
-        try:
-            return probe(handle, src.uri, src.label, src.meta)
-        finally:
-            if not isinstance(handle, str):
-                handle.close()
-
-    try:
-        if _remote(src.uri):
-            return (retry or StoreRetry()).call(attempt, f"probing {src.uri}")
-        return attempt()
-    except BadVideo as err:
-        return {"source": src.uri, "reason": err.reason, "detail": err.detail}
-    except (OSError, PermissionError) as err:
-        return {"source": src.uri, "reason": "unreadable", "detail": f"{type(err).__name__}: {err}"}
-
-
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: deterministic bytes
-    tar.addfile(info, io.BytesIO(data))
-
-
-def sample_metadata(clip: Clip, spec: ClipSpec, data: bytes) -> dict[str, Any]:
-    meta = {
-        "key": clip.key,
-        "source": clip.uri,
-        "start_frame": clip.start,
-        "start_seconds": round(clip.start / clip.src_fps, 6),
-        "frame_step": clip.step,
-        "num_frames": clip.num_frames,
-        "fps": clip.out_fps,
-        "source_fps": clip.src_fps,
-        "source_size": [clip.src_width, clip.src_height],
-        "size": [spec.size, spec.size],
-        "codec": spec.codec,
-        "sha256": sha256_hex(data),
-    }
-    if clip.label is not None:
-        meta["label"] = clip.label
-    if clip.split is not None:
-        meta["split"] = clip.split
-    return meta
-
-
-@dataclass
-class ShardTask:
-    index: int
-    clips: list[Clip]
-    out: str
-    spec: ClipSpec
-    plan: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
-
-
-def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Encode a shard's clips into a tar, upload it, then write its record. -> the record.
-
-    on_clip(n_clips, n_bytes) is called after each clip (progress, in-process runs only).
-    """
-    store = Store(task.out, task.storage_options or None)  # None: the endpoint from the environment
-    retry = store.retry or StoreRetry()
-    ext = clip_extension(task.spec.codec)
-    keys, errors, written = [], [], []
-    with tempfile.TemporaryDirectory(prefix="lvmae-shard-") as tmp:
-        tar_path = os.path.join(tmp, "shard.tar")
-        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for uri, group in groupby(task.clips, key=lambda c: c.uri):
-                clips = list(group)
-                try:
-                    handle = _fetch_source(uri, task.storage_options, tmp, retry)
-                except (BadVideo, OSError) as err:
-                    reason = err.reason if isinstance(err, BadVideo) else "unreadable"
-                    errors += [
-                        {"source": uri, "key": c.key, "reason": reason, "detail": str(err)} for c in clips
-                    ]
-                    continue
-                try:
-                    for clip, result in cut_clips(handle, clips, task.spec.size, task.spec.codec):
-                        if isinstance(result, BadVideo):
-                            errors.append(
-                                {
-                                    "source": uri,
-                                    "key": clip.key,
-                                    "reason": result.reason,
-                                    "detail": result.detail,
-                                }
-                            )
-                            continue
-                        meta = sample_metadata(clip, task.spec, result)
-                        _tar_add(tar, f"{clip.key}.{ext}", result)
-                        _tar_add(tar, f"{clip.key}.json", json.dumps(meta, sort_keys=True).encode())
-                        keys.append(clip.key)
-                        written.append((clip.split, clip.label))
-                        if on_clip is not None:
-                            on_clip(1, len(result))
-                finally:
-                    if not isinstance(handle, str):
-                        handle.close()
-                    elif _remote(uri):
-                        os.unlink(handle)  # the downloaded copy
-        digest = hashlib.sha256()
-        with open(tar_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        size = os.path.getsize(tar_path)
-        name = shard_name(task.index)
-        store.put_file(tar_path, f"{name}.tar")
-    record = {
-        "shard": f"{name}.tar",
-        "plan": task.plan,
-        "samples": len(keys),
-        "bytes": size,
-        "sha256": digest.hexdigest(),
-        "keys": keys,
-        "counts": labels.count(written),  # {split: {label: n}}
-        "errors": errors,
-    }
-    store.write_json(f"{name}.json", record)  # the commit marker: after the tar is in place
-    return record
-
-
-def _run_shard_in_worker(task: ShardTask) -> dict[str, Any]:
-    return write_shard(task)
 
 
 def _run_on_ray(
@@ -231,7 +57,7 @@ def _run_on_ray(
     from ingest.ray_executor import ray_session, write_shards
 
     with ray_session(address, num_cpus=workers) as ray:
-        for record in write_shards(ray, todo):
+        for record in write_shards(ray, todo, write_shard):
             account(record)
 
 
@@ -441,7 +267,7 @@ def ingest_clips(
         else:
             ctx = multiprocessing.get_context("spawn")  # no fork: fsspec/s3fs run event-loop threads
             with cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx) as pool:
-                for record in pool.map(_run_shard_in_worker, todo):
+                for record in pool.map(run_shard_in_worker, todo):
                     account(record, per_clip_done=False)
     finally:
         bar.close()

@@ -4,7 +4,7 @@ Ray is optional (`pip install lvmae[ray]`): it is imported here only, and only w
 The driver (the `lvmae` process) plans, skips what is already recorded and finalizes exactly as the local
 executor does; only the per-shard work moves to the cluster:
 
-- clips: one Ray task per clip shard, `ingest.clips.write_shard(ShardTask)`, 1 CPU each. A task whose
+- clips: one Ray task per clip shard, `ingest.shards.write_shard(ShardTask)`, 1 CPU each. A task whose
   worker process (or node) dies is run again, up to MAX_RETRIES times: a shard is committed by its
   record, written after its tar, so a rerun rewrites the same bytes. An exception raised by the task
   itself is not retried; it reaches the driver as it would from the process pool.
@@ -185,13 +185,14 @@ def _cancel(ray: Any, refs: Iterable[Any]) -> None:
             ray.cancel(ref)
 
 
-def write_shards(ray: Any, tasks: list[Any]) -> Iterator[dict[str, Any]]:
-    """ingest.clips.write_shard(task) for each ShardTask, one Ray task each -> the shard records, in the
-    order they complete. At most twice the cluster's CPUs are submitted at a time (a task carries its
-    shard's clip list)."""
-    from ingest.clips import write_shard
-
-    remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(write_shard)
+def write_shards(
+    ray: Any, tasks: list[Any], run_shard: Callable[[Any], dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """run_shard(task) for each task (a ShardTask, for ingest.shards.write_shard), one Ray task each ->
+    the shard records, in the order they complete. run_shard must pickle: a module-level function; Ray
+    names its worker processes after it. At most twice the cluster's CPUs are submitted at a time (a task
+    carries its shard's clip list)."""
+    remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(run_shard)
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     queue = iter(tasks)
     pending: dict[Any, str] = {}

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import av
 
-from ingest.plan import Clip, VideoInfo
+from ingest.clip_plan import Clip, VideoInfo
 
 CODECS = {
     # codec name: (container format, libav encoder, encoder options, file extension)

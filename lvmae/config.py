@@ -8,25 +8,18 @@ which names the offending key in a `ConfigError`.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-ENCODER_MASKINGS = ("tube", "random", "frame")
-DECODER_MASKINGS = ("all", "random", "running_cell", "adaptive")
 TARGETS = ("pixels", "tokens")
 TOKEN_LOSSES = ("softmax", "factorized")
-QUANTIZERS = ("fsq", "lfq")
-TOPK_METHODS = ("perturbed", "sigmoid")
-TEMPORAL_PADDINGS = ("replicate", "zeros")
-NORMS = ("group", "channel")
-DECODER_CONTEXTS = ("none", "temporal_mean", "keyframe", "hold")
-SCORER_INPUTS = ("frames", "frames_and_differences")
 POS_EMBEDS = ("videomae_1d", "sincos_3d")
 INPUT_NORMS = ("none", "imagenet")
 # VideoMAE's input normalization (ImageNet statistics of RGB in [0, 1]).
@@ -41,23 +34,31 @@ SAVED_MODEL_DEFAULTS: dict[str, Any] = {"pos_embed": "sincos_3d", "input_norm": 
 # with the value here.
 POOLINGS = ("videomae", "norm_mean")
 SAVED_CLASSIFIER_DEFAULTS: dict[str, Any] = {"pooling": "norm_mean"}
+# Named model sizes, in one table (lvmae.presets builds configs from it). Encoder sizes are VideoMAE's
+# (ViT-S/B/L/H); decoders are 4 blocks, narrower than the encoder, as in VideoMAE. `tiny` trains on a
+# laptop CPU in seconds and is what tests and the demo use.
+# name: (encoder embed_dim, depth, heads), (decoder embed_dim, depth, heads)
+MODEL_PRESETS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "tiny": ((96, 4, 3), (64, 2, 2)),
+    "small": ((384, 12, 6), (192, 4, 3)),
+    "base": ((768, 12, 12), (384, 4, 6)),
+    "large": ((1024, 24, 16), (512, 4, 8)),
+    "huge": ((1280, 32, 16), (640, 4, 8)),
+}
 
 
 class ConfigError(ValueError):
     """A configuration the user wrote is invalid; the message names the key."""
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise ConfigError("KEY: MSG") unless cond: every config section's value rules go through it."""
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _choice(value: str, key: str, choices: Sequence[str]) -> None:
-    _check(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
+def check_choice(value: Any, key: str, choices: Sequence[Any]) -> None:
+    check(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 @dataclass
@@ -90,13 +91,13 @@ class VideoSpec:
 
     def validate(self, prefix: str = "video") -> None:
         for name in ("num_frames", "img_size", "in_chans", "tubelet_size", "patch_size"):
-            _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be a positive integer")
-        _check(
+            check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be a positive integer")
+        check(
             self.num_frames % self.tubelet_size == 0,
             f"{prefix}.num_frames",
             f"{self.num_frames} is not divisible by tubelet_size {self.tubelet_size}",
         )
-        _check(
+        check(
             self.img_size % self.patch_size == 0,
             f"{prefix}.img_size",
             f"{self.img_size} is not divisible by patch_size {self.patch_size}",
@@ -118,18 +119,18 @@ class EncoderConfig:
     def validate(self, prefix: str) -> None:
         for name in ("embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
-            _check(
+            check(
                 value is not None and value >= 1,
                 f"{prefix}.{name}",
                 f"must be a positive integer; got {value}",
             )
-        _check(
+        check(
             self.embed_dim % self.num_heads == 0,  # type: ignore[operator]
             f"{prefix}.embed_dim",
             f"{self.embed_dim} is not divisible by num_heads {self.num_heads}",
         )
-        _check(self.mlp_ratio > 0, f"{prefix}.mlp_ratio", "must be positive")
-        _check(0.0 <= self.drop_path < 1.0, f"{prefix}.drop_path", "must be in [0, 1)")
+        check(self.mlp_ratio > 0, f"{prefix}.mlp_ratio", "must be positive")
+        check(0.0 <= self.drop_path < 1.0, f"{prefix}.drop_path", "must be in [0, 1)")
 
 
 @dataclass
@@ -139,7 +140,11 @@ class DecoderConfig(EncoderConfig):
 
 @dataclass
 class MaskingConfig:
-    """Encoder masking (what the encoder sees) and decoder masking (what the decoder rebuilds)."""
+    """Encoder masking (what the encoder sees) and decoder masking (what the decoder rebuilds).
+
+    The kinds are the tables of lvmae.masking (ENCODER_MASKINGS, DECODER_MASKINGS): a new strategy is one
+    entry there. They are looked up when needed, so importing this schema does not import torch.
+    """
 
     encoder: str = "tube"
     encoder_ratio: float = 0.9
@@ -148,12 +153,22 @@ class MaskingConfig:
     decoder_budget: float = 0.15
     running_cell_size: int = 2
 
+    @property
+    def needs_priority(self) -> bool:
+        """Whether the decoder masking ranks tokens by the tokenizer's priority (then a run needs a token
+        set: data.tokens)."""
+        from lvmae.masking import DECODER_MASKINGS
+
+        return DECODER_MASKINGS[self.decoder].needs_priority
+
     def validate(self, prefix: str = "masking") -> None:
-        _choice(self.encoder, f"{prefix}.encoder", ENCODER_MASKINGS)
-        _choice(self.decoder, f"{prefix}.decoder", DECODER_MASKINGS)
-        _check(0.0 < self.encoder_ratio < 1.0, f"{prefix}.encoder_ratio", "must be in (0, 1)")
-        _check(0.0 < self.decoder_budget <= 1.0, f"{prefix}.decoder_budget", "must be in (0, 1]")
-        _check(self.running_cell_size >= 2, f"{prefix}.running_cell_size", "must be at least 2")
+        from lvmae.masking import DECODER_MASKINGS, ENCODER_MASKINGS
+
+        check_choice(self.encoder, f"{prefix}.encoder", tuple(ENCODER_MASKINGS))
+        check_choice(self.decoder, f"{prefix}.decoder", tuple(DECODER_MASKINGS))
+        check(0.0 < self.encoder_ratio < 1.0, f"{prefix}.encoder_ratio", "must be in (0, 1)")
+        check(0.0 < self.decoder_budget <= 1.0, f"{prefix}.decoder_budget", "must be in (0, 1]")
+        check(self.running_cell_size >= 2, f"{prefix}.running_cell_size", "must be at least 2")
 
 
 @dataclass
@@ -171,9 +186,9 @@ class TargetConfig:
         return math.prod(self.fsq_levels)
 
     def validate(self, prefix: str = "target") -> None:
-        _choice(self.kind, f"{prefix}.kind", TARGETS)
-        _choice(self.token_loss, f"{prefix}.token_loss", TOKEN_LOSSES)
-        _check(
+        check_choice(self.kind, f"{prefix}.kind", TARGETS)
+        check_choice(self.token_loss, f"{prefix}.token_loss", TOKEN_LOSSES)
+        check(
             len(self.fsq_levels) >= 1 and all(lv >= 2 for lv in self.fsq_levels),
             f"{prefix}.fsq_levels",
             f"needs at least one level, each >= 2; got {list(self.fsq_levels)}",
@@ -198,19 +213,30 @@ class MAEConfig:
     # channel, VideoMAE's preprocessing). Pixel targets are always cut from the [0, 1] clip.
     input_norm: str = "none"
 
-    def resolved(self) -> MAEConfig:
-        """A copy with every size the preset decides filled in (explicit values win)."""
-        from lvmae.presets import apply_preset
+    # Options whose value changes what saved weights mean without changing their shapes: a checkpoint
+    # resumes only under the values it was trained with (train.resume), a save that predates one of them
+    # having been trained with SAVED_DEFAULTS' value.
+    WEIGHT_MEANING: ClassVar[tuple[str, ...]] = ("pos_embed", "input_norm")
+    SAVED_DEFAULTS: ClassVar[dict[str, Any]] = SAVED_MODEL_DEFAULTS
 
-        return apply_preset(self)
+    def resolved(self) -> MAEConfig:
+        """A copy with every size the preset decides (MODEL_PRESETS) filled in: explicit values win."""
+        check_choice(self.preset, "model.preset", tuple(MODEL_PRESETS))
+        out = copy.deepcopy(self)
+        enc, dec = MODEL_PRESETS[self.preset]
+        for part, sizes in ((out.encoder, enc), (out.decoder, dec)):
+            for name, value in zip(("embed_dim", "depth", "num_heads"), sizes):
+                if getattr(part, name) is None:
+                    setattr(part, name, value)
+        return out
 
     def validate(self, prefix: str = "model") -> None:
-        from lvmae.presets import MODEL_PRESETS
+        from lvmae.masking import num_visible
 
-        _choice(self.preset, f"{prefix}.preset", tuple(MODEL_PRESETS))
-        _choice(self.pos_embed, f"{prefix}.pos_embed", POS_EMBEDS)
-        _choice(self.input_norm, f"{prefix}.input_norm", INPUT_NORMS)
-        _check(
+        check_choice(self.preset, f"{prefix}.preset", tuple(MODEL_PRESETS))
+        check_choice(self.pos_embed, f"{prefix}.pos_embed", POS_EMBEDS)
+        check_choice(self.input_norm, f"{prefix}.input_norm", INPUT_NORMS)
+        check(
             self.input_norm == "none" or self.video.in_chans == len(IMAGENET_MEAN),
             f"{prefix}.input_norm",
             f"imagenet needs RGB clips (video.in_chans 3); got in_chans {self.video.in_chans}",
@@ -222,7 +248,7 @@ class MAEConfig:
         cfg.masking.validate(f"{prefix}.masking")
         cfg.target.validate(f"{prefix}.target")
         n_visible = num_visible(cfg.video.grid, cfg.masking.encoder, cfg.masking.encoder_ratio)
-        _check(
+        check(
             0 < n_visible < cfg.video.num_tokens,
             f"{prefix}.masking.encoder_ratio",
             f"{cfg.masking.encoder_ratio} leaves {n_visible} of {cfg.video.num_tokens} tokens visible "
@@ -254,156 +280,6 @@ def load_saved_model_config(path: str | Path) -> MAEConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: not a model config (a mapping of model options)")
     return load_config(MAEConfig, [saved_model_dict(raw)])  # type: ignore[arg-type]
-
-
-def num_visible(grid: tuple[int, int, int], kind: str, ratio: float) -> int:
-    """Tokens the encoder sees for a grid (T', H', W'), masking kind and ratio (exact, as masking uses)."""
-    t, h, w = grid
-    if kind == "tube":
-        return t * (h * w - round(ratio * h * w))
-    if kind == "frame":
-        return (t - round(ratio * t)) * h * w
-    return t * h * w - round(ratio * t * h * w)
-
-
-@dataclass
-class TokenizerConfig:
-    """FSQ-MagViT tokenizer with a token scorer (see lvmae.tokenizer)."""
-
-    video: VideoSpec = field(default_factory=VideoSpec)
-    base_channels: int = 64
-    # One entry per resolution level; the encoder halves H and W between levels, so it needs
-    # log2(patch_size) + 1 entries, and halves T on the first log2(tubelet_size) of those steps.
-    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    num_res_blocks: int = 1
-    num_groups: int = 8
-    # `group`: GroupNorm (MAGVIT), statistics over the whole clip per group of channels; `channel`: each
-    # position's channels alone. Without residual blocks, GroupNorm's last layers erase what is constant
-    # over the clip (its colour): small tokenizers with num_res_blocks=0 learn much faster with `channel`.
-    norm: str = "group"
-    # A linear path beside the convs: a tubelet-sized patchify conv adds to the encoder's latent, and its
-    # transpose to the decoder's output. The tokenizer then learns a linear code at once (a tiny one on a
-    # CPU otherwise spends its first thousand steps below the clip's mean colour) and the convs refine it.
-    patch_skip: bool = False
-    quantizer: str = "fsq"
-    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
-    lfq_bits: int = 12
-    lfq_entropy_weight: float = 0.1
-    scorer_channels: int = 32
-    # What the scorer's first conv sees: the frames, or the frames and each frame's difference from the
-    # one before (motion is then one conv away, as in temporal-difference video networks; which changes
-    # matter is still learned from the reconstruction).
-    scorer_input: str = "frames_and_differences"
-    # Time padding of every 3D conv: `replicate` (the edge frames repeated) or `zeros`; with causal=True
-    # all padding in time goes before the clip (MAGVIT-v2's causal convs): no output sees later frames.
-    temporal_padding: str = "replicate"
-    causal: bool = False
-    # Token selection while training: the decoder sees the top keep_ratio of tokens by score (the rest
-    # become a learned mask token), through a differentiable top-k: `perturbed` (Berthet et al. 2020:
-    # Gaussian noise of topk_sigma row standard deviations, topk_samples draws) or `sigmoid`
-    # (straight-through, topk_temperature).
-    keep_ratio: float = 0.25
-    topk: str = "perturbed"
-    topk_sigma: float = 1.0
-    topk_samples: int = 128
-    topk_temperature: float = 0.05
-    # keep_ratio falls linearly from 1 (every token kept: the autoencoder learns first) to its value over
-    # the first keep_warmup_steps training steps.
-    keep_warmup_steps: int = 0
-    # While training, a random context_ratio of the tokens reaches the decoder on top of the selected
-    # ones, as the visible tokens reach the MAE decoder: the scorer then learns which tokens cannot be
-    # rebuilt from such context, not merely which ones cover most pixels. Evaluation, `decode_codes` and
-    # the token store use the selected tokens alone. 0.25 measured best (docs/tokenizer.md).
-    context_ratio: float = 0.25
-    # `temporal_mean`: the decoder also gets, at every time step, the mean of the kept latents at the same
-    # spatial position, so static content kept once reaches every frame. `keyframe`: the first time step's
-    # tokens are always kept and reach every time step beside each token: what has not changed since then
-    # needs no token of its own. `hold`: the first time step is always kept, and beside each token the
-    # decoder gets the latest kept latent at the same position (a video codec's held block): what has not
-    # changed since the last kept token needs no token of its own.
-    decoder_context: str = "hold"
-
-    @property
-    def latent_dim(self) -> int:
-        return len(self.fsq_levels) if self.quantizer == "fsq" else self.lfq_bits
-
-    @property
-    def codebook_size(self) -> int:
-        return math.prod(self.fsq_levels) if self.quantizer == "fsq" else 2**self.lfq_bits
-
-    def validate(self, prefix: str = "tokenizer") -> None:
-        self.video.validate(f"{prefix}.video")
-        _check(_is_pow2(self.video.patch_size), f"{prefix}.video.patch_size", "must be a power of two")
-        _check(_is_pow2(self.video.tubelet_size), f"{prefix}.video.tubelet_size", "must be a power of two")
-        _check(
-            self.video.tubelet_size <= self.video.patch_size,
-            f"{prefix}.video.tubelet_size",
-            "must not exceed patch_size",
-        )
-        levels = int(math.log2(self.video.patch_size)) + 1
-        _check(
-            len(self.channel_mult) == levels,
-            f"{prefix}.channel_mult",
-            f"needs {levels} entries (log2(patch_size {self.video.patch_size}) + 1); got {len(self.channel_mult)}",
-        )
-        _check(all(m >= 1 for m in self.channel_mult), f"{prefix}.channel_mult", "entries must be >= 1")
-        _check(self.base_channels >= 1, f"{prefix}.base_channels", "must be positive")
-        _check(self.num_groups >= 1, f"{prefix}.num_groups", "must be positive")
-        for m in self.channel_mult:
-            _check(
-                (self.base_channels * m) % self.num_groups == 0,
-                f"{prefix}.num_groups",
-                f"{self.num_groups} does not divide channel count {self.base_channels * m}",
-            )
-        _check(self.num_res_blocks >= 0, f"{prefix}.num_res_blocks", "must be >= 0")
-        _choice(self.norm, f"{prefix}.norm", NORMS)
-        _check(
-            not (self.causal and self.norm == "group"),
-            f"{prefix}.norm",
-            "causal: true needs norm: channel (GroupNorm's statistics span the whole clip, later frames too)",
-        )
-        _choice(self.quantizer, f"{prefix}.quantizer", QUANTIZERS)
-        _check(
-            len(self.fsq_levels) >= 1 and all(lv >= 2 for lv in self.fsq_levels),
-            f"{prefix}.fsq_levels",
-            f"needs at least one level, each >= 2; got {list(self.fsq_levels)}",
-        )
-        _check(1 <= self.lfq_bits <= 30, f"{prefix}.lfq_bits", "must be in [1, 30]")
-        _check(self.scorer_channels >= 1, f"{prefix}.scorer_channels", "must be positive")
-        _choice(self.scorer_input, f"{prefix}.scorer_input", SCORER_INPUTS)
-        _choice(self.temporal_padding, f"{prefix}.temporal_padding", TEMPORAL_PADDINGS)
-        _check(0.0 < self.keep_ratio <= 1.0, f"{prefix}.keep_ratio", "must be in (0, 1]")
-        _choice(self.topk, f"{prefix}.topk", TOPK_METHODS)
-        _check(self.topk_sigma > 0, f"{prefix}.topk_sigma", "must be positive")
-        _check(self.topk_samples >= 1, f"{prefix}.topk_samples", "must be a positive integer")
-        _check(self.topk_temperature > 0, f"{prefix}.topk_temperature", "must be positive")
-        _check(self.keep_warmup_steps >= 0, f"{prefix}.keep_warmup_steps", "must be >= 0")
-        _check(0.0 <= self.context_ratio < 1.0, f"{prefix}.context_ratio", "must be in [0, 1)")
-        _choice(self.decoder_context, f"{prefix}.decoder_context", DECODER_CONTEXTS)
-
-    def keep_ratio_at(self, step: int | None) -> float:
-        """The training keep ratio at optimizer step `step` (None: the final one)."""
-        if step is None or step >= self.keep_warmup_steps:
-            return self.keep_ratio
-        return 1.0 - (1.0 - self.keep_ratio) * step / self.keep_warmup_steps
-
-
-def check_tokenizer_matches(model: MAEConfig, tokenizer: TokenizerConfig) -> None:
-    """The tokenizer's latent grid must equal the MAE token grid, and its codebook the target's."""
-    m, t = model.video, tokenizer.video
-    _check(
-        (m.tubelet_size, m.patch_size) == (t.tubelet_size, t.patch_size),
-        "model.video",
-        f"tubelet {m.tubelet_size}x{m.patch_size}x{m.patch_size} differs from the tokenizer's "
-        f"{t.tubelet_size}x{t.patch_size}x{t.patch_size}: its latent grid would not match the MAE token grid",
-    )
-    if model.target.kind == "tokens":
-        _check(
-            tokenizer.quantizer == "fsq" and list(model.target.fsq_levels) == list(tokenizer.fsq_levels),
-            "model.target.fsq_levels",
-            f"{list(model.target.fsq_levels)} differs from the tokenizer's "
-            f"{list(tokenizer.fsq_levels) if tokenizer.quantizer == 'fsq' else 'LFQ codes'}",
-        )
 
 
 T = TypeVar("T")

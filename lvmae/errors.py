@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input, a conflicting earlier run, an unreachable store: say what and how to fix it."""
+
+    # True: the command exits right after its message, without the interpreter's teardown, leaving reads
+    # still in flight on an unreachable store (train.trainer.StoreOutage).
+    abandon_in_flight = False

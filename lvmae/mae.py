@@ -7,6 +7,7 @@ masks; losses are functions in `lvmae.losses`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,10 @@ from lvmae.masking import MaskPlan, plan_masks
 from lvmae.pos_embed import position_table
 from lvmae.tubelets import gather_tubelets
 from lvmae.vit import Transformer, init_weights
+
+# (kind, dim, grid) -> (N, dim) fixed position table; models take one as `pos_table` (lvmae.pos_embed's by
+# default; `lvmae plan` passes one that gives the shape alone, on the meta device).
+PositionTable = Callable[[str, int, tuple[int, int, int]], torch.Tensor]
 
 
 def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -73,9 +78,10 @@ class VideoViT(nn.Module):
 
     Used by the MAE (on visible tokens only) and, alone, for downstream fine-tuning and probes. It takes
     clips in [0, 1] and applies `model.input_norm` itself, so every caller feeds it the same way.
+    pos_table: what computes the position table (see PositionTable).
     """
 
-    def __init__(self, cfg: MAEConfig):
+    def __init__(self, cfg: MAEConfig, pos_table: PositionTable = position_table):
         super().__init__()
         cfg = cfg.resolved()
         self.video = cfg.video
@@ -86,7 +92,7 @@ class VideoViT(nn.Module):
         mean, std = input_stats(cfg.input_norm, cfg.video.in_chans)
         self.register_buffer("input_mean", mean, persistent=False)
         self.register_buffer("input_std", std, persistent=False)
-        table = position_table(cfg.pos_embed, enc.embed_dim, cfg.video.grid)
+        table = pos_table(cfg.pos_embed, enc.embed_dim, cfg.video.grid)
         self.register_buffer("pos_embed", table[None], persistent=False)
         self.transformer = Transformer(
             enc.embed_dim,
@@ -141,18 +147,19 @@ class MAEOutput(NamedTuple):
 
 
 class MaskedVideoAutoencoder(nn.Module):
-    """VideoMAE / LVMAE: encoder on visible tokens, decoder on visible + selected mask tokens."""
+    """VideoMAE / LVMAE: encoder on visible tokens, decoder on visible + selected mask tokens.
+    pos_table: what computes the position tables (see PositionTable)."""
 
-    def __init__(self, cfg: MAEConfig):
+    def __init__(self, cfg: MAEConfig, pos_table: PositionTable = position_table):
         super().__init__()
         cfg = cfg.resolved()
         cfg.validate()
         self.cfg = cfg
         enc, dec = cfg.encoder, cfg.decoder
-        self.encoder = VideoViT(cfg)
+        self.encoder = VideoViT(cfg, pos_table)
         self.decoder_embed = nn.Linear(enc.embed_dim, dec.embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.embed_dim))
-        table = position_table(cfg.pos_embed, dec.embed_dim, cfg.video.grid)
+        table = pos_table(cfg.pos_embed, dec.embed_dim, cfg.video.grid)
         self.register_buffer("decoder_pos_embed", table[None], persistent=False)
         self.decoder = Transformer(
             dec.embed_dim,

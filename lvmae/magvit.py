@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvmae.config import TokenizerConfig
+from lvmae.tokenizer_config import TokenizerConfig
 
 
 class PaddedConv3d(nn.Conv3d):

@@ -1,20 +1,28 @@
-"""Encoder masking and decoder masking (pure functions).
+"""Encoder masking and decoder masking (pure functions), each kind one entry of a table.
 
 Conventions: tokens are numbered in patchify order over the grid (T', H', W'), N = T'*H'*W'.
 `mask` is a bool (B, N) tensor, True where the token is HIDDEN from the encoder. `selected` is a bool
 (B, N) tensor, True where the decoder reconstructs the token; it is always a subset of `mask`.
 Every function takes an explicit `torch.Generator` (CPU) so a seed reproduces the masks; the randomness
 is drawn on the CPU and moved to `device`, so CPU and GPU runs with one seed see the same masks.
+
+The tables are the one list of each kind (lvmae.config validates `model.masking` against them; the
+trainer and `lvmae plan` ask them what a kind needs):
+
+    ENCODER_MASKINGS[kind]      # EncoderMasking: draw(batch, grid, ratio, generator, device), visible(...)
+    DECODER_MASKINGS[strategy]  # DecoderMasking: score(...) ranks the masked tokens, needs_priority
+
+A new decoder strategy is a score function and one line in DECODER_MASKINGS.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-
-from lvmae.config import MaskingConfig, num_visible
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str | None):
@@ -55,7 +63,40 @@ def frame_mask(
     return steps[:, :, None].expand(batch, t, h * w).reshape(batch, t * h * w)
 
 
-ENCODER_MASKS = {"tube": tube_mask, "random": random_mask, "frame": frame_mask}
+@dataclass(frozen=True)
+class EncoderMasking:
+    """One encoder masking kind: draw(batch, grid, ratio, generator, device) -> (B, N) bool mask, and
+    visible(grid, ratio) -> the exact number of tokens it leaves visible per sample."""
+
+    draw: Callable[..., torch.Tensor]
+    visible: Callable[[tuple[int, int, int], float], int]
+
+
+def _tube_visible(grid: tuple[int, int, int], ratio: float) -> int:
+    t, h, w = grid
+    return t * (h * w - round(ratio * h * w))
+
+
+def _frame_visible(grid: tuple[int, int, int], ratio: float) -> int:
+    t, h, w = grid
+    return (t - round(ratio * t)) * h * w
+
+
+def _random_visible(grid: tuple[int, int, int], ratio: float) -> int:
+    n = math.prod(grid)
+    return n - round(ratio * n)
+
+
+ENCODER_MASKINGS: dict[str, EncoderMasking] = {
+    "tube": EncoderMasking(tube_mask, _tube_visible),  # VideoMAE
+    "random": EncoderMasking(random_mask, _random_visible),
+    "frame": EncoderMasking(frame_mask, _frame_visible),
+}
+
+
+def num_visible(grid: tuple[int, int, int], kind: str, ratio: float) -> int:
+    """Tokens the encoder sees for a grid (T', H', W'), masking kind and ratio (exact, as masking uses)."""
+    return ENCODER_MASKINGS[kind].visible(grid, ratio)
 
 
 def running_cell_pattern(grid: tuple[int, int, int], cell: int, keep: int, phase: int = 0) -> torch.Tensor:
@@ -74,9 +115,66 @@ def running_cell_pattern(grid: tuple[int, int, int], cell: int, keep: int, phase
     return (((slot - tau - phase) % (cell * cell)) < keep).reshape(-1)
 
 
+# --- decoder masking: each strategy scores the masked tokens; the decoder rebuilds the top k ---------------
+
+
+def random_scores(mask: torch.Tensor, k: int, ctx: dict[str, Any]) -> torch.Tensor:
+    """A uniform random subset of the masked tokens."""
+    return _rand(tuple(mask.shape), ctx["generator"], mask.device)
+
+
+def running_cell_scores(mask: torch.Tensor, k: int, ctx: dict[str, Any]) -> torch.Tensor:
+    """VideoMAE V2: masked tokens on a running-cell pattern (random phase per sample) first, filled at
+    random from the other masked tokens if the pattern holds too few; a random subset if too many."""
+    b, n = mask.shape
+    cell, gen = ctx["cell"], ctx["generator"]
+    keep = min(cell * cell, math.ceil(cell * cell * k / ctx["n_masked"]))
+    phases = torch.randint(cell * cell, (b,), generator=gen).tolist()
+    pattern = torch.stack([running_cell_pattern(ctx["grid"], cell, keep, ph) for ph in phases]).to(
+        mask.device
+    )
+    return pattern.float() * 2.0 + _rand((b, n), gen, mask.device)
+
+
+def priority_scores(mask: torch.Tensor, k: int, ctx: dict[str, Any]) -> torch.Tensor:
+    """LVMAE: the masked tokens of highest priority (the tokenizer's per-token score)."""
+    priority = ctx["priority"]
+    if priority is None:
+        raise ValueError("decoder masking 'adaptive' needs per-token priority scores (from the tokenizer)")
+    if priority.shape != mask.shape:
+        raise ValueError(f"priority has shape {tuple(priority.shape)}, expected {tuple(mask.shape)}")
+    return priority.float()
+
+
+@dataclass(frozen=True)
+class DecoderMasking:
+    """One decoder masking strategy. score(mask, k, ctx) -> (B, N) float: the top k masked tokens by
+    score are rebuilt (ctx: grid, generator, priority, cell, n_masked); None: every masked token, no
+    budget. needs_priority: it ranks by the tokenizer's priority, so a run needs a token set."""
+
+    score: Callable[[torch.Tensor, int, dict[str, Any]], torch.Tensor] | None
+    needs_priority: bool = False
+
+
+DECODER_MASKINGS: dict[str, DecoderMasking] = {
+    "all": DecoderMasking(None),  # VideoMAE: every masked token
+    "random": DecoderMasking(random_scores),
+    "running_cell": DecoderMasking(running_cell_scores),  # VideoMAE V2
+    "adaptive": DecoderMasking(priority_scores, needs_priority=True),  # LVMAE
+}
+
+
+def decoder_masking(strategy: str) -> DecoderMasking:
+    if strategy not in DECODER_MASKINGS:
+        raise ValueError(
+            f"unknown decoder masking {strategy!r}; expected one of {', '.join(DECODER_MASKINGS)}"
+        )
+    return DECODER_MASKINGS[strategy]
+
+
 def decoder_count(n_tokens: int, n_masked: int, strategy: str, budget: float) -> int:
     """How many tokens the decoder reconstructs: every masked one for `all`, else the budget, capped."""
-    if strategy == "all":
+    if decoder_masking(strategy).score is None:
         return n_masked
     return max(1, min(n_masked, round(budget * n_tokens)))
 
@@ -92,37 +190,17 @@ def select_decoder_tokens(
 ) -> torch.Tensor:
     """Pick the tokens the decoder reconstructs, all among the encoder-masked ones.
 
-    mask: (B, N) bool, the same count per row. priority: (B, N) float, needed by `adaptive`.
-    -> selected (B, N) bool with exactly `decoder_count(...)` True per row, selected <= mask.
-    - all: every masked token (VideoMAE).
-    - random: a uniform random subset of the masked tokens.
-    - running_cell: masked tokens on a running-cell pattern (random phase per sample) first, filled at
-      random from the other masked tokens if the pattern holds too few; random subset if too many.
-    - adaptive: per sample, the top-k masked tokens by `priority` (LVMAE).
+    mask: (B, N) bool, the same count per row. priority: (B, N) float, for strategies that need it.
+    -> selected (B, N) bool with exactly `decoder_count(...)` True per row, selected <= mask: the top
+    `decoder_count` masked tokens by the strategy's score (DECODER_MASKINGS), or every masked one.
     """
-    b, n = mask.shape
     n_masked = int(mask[0].sum())  # CPU-GPU sync: one scalar per step
-    k = decoder_count(n, n_masked, strategy, budget)
-    if strategy == "all":
+    kind = decoder_masking(strategy)
+    k = decoder_count(mask.shape[1], n_masked, strategy, budget)
+    if kind.score is None:
         return mask.clone()
-    if strategy == "adaptive":
-        if priority is None:
-            raise ValueError(
-                "decoder masking 'adaptive' needs per-token priority scores (from the tokenizer)"
-            )
-        if priority.shape != mask.shape:
-            raise ValueError(f"priority has shape {tuple(priority.shape)}, expected {tuple(mask.shape)}")
-        score = priority.float()
-    elif strategy == "random":
-        score = _rand((b, n), generator, mask.device)
-    elif strategy == "running_cell":
-        keep = min(cell * cell, math.ceil(cell * cell * k / n_masked))
-        phases = torch.randint(cell * cell, (b,), generator=generator).tolist()
-        pattern = torch.stack([running_cell_pattern(grid, cell, keep, ph) for ph in phases]).to(mask.device)
-        score = pattern.float() * 2.0 + _rand((b, n), generator, mask.device)
-    else:
-        raise ValueError(f"unknown decoder masking {strategy!r}")
-    score = score.masked_fill(~mask, float("-inf"))
+    ctx = {"grid": grid, "generator": generator, "priority": priority, "cell": cell, "n_masked": n_masked}
+    score = kind.score(mask, k, ctx).masked_fill(~mask, float("-inf"))
     top = score.topk(k, dim=1).indices
     selected = torch.zeros_like(mask)
     selected.scatter_(1, top, True)
@@ -158,15 +236,16 @@ class MaskPlan:
 
 
 def plan_masks(
-    cfg: MaskingConfig,
+    cfg: Any,
     batch: int,
     grid: tuple[int, int, int],
     generator: torch.Generator | None = None,
     priority: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> MaskPlan:
-    """Draw encoder and decoder masks for one batch. priority: (B, N) or (B, T', H', W'), for `adaptive`."""
-    mask = ENCODER_MASKS[cfg.encoder](batch, grid, cfg.encoder_ratio, generator, device)
+    """Draw encoder and decoder masks for one batch (cfg: lvmae.config.MaskingConfig). priority: (B, N) or
+    (B, T', H', W'), for strategies that need it (`adaptive`)."""
+    mask = ENCODER_MASKINGS[cfg.encoder].draw(batch, grid, cfg.encoder_ratio, generator, device)
     if priority is not None:
         priority = priority.reshape(batch, -1).to(mask.device)
     selected = select_decoder_tokens(

@@ -27,9 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lvmae.config import TokenizerConfig, load_config, to_dict
+from lvmae.config import load_config, to_dict
 from lvmae.fsq import FSQ, LFQ, Quantized
 from lvmae.magvit import Decoder, Encoder, TokenScorer
+from lvmae.tokenizer_config import TokenizerConfig
 from lvmae.topk import (
     hard_topk_mask,
     perturbed_topk_mask,

@@ -1,4 +1,4 @@
-"""Batches of procedural clips (ingest.synth) as model input, with their changing tokens."""
+"""Batches of procedural clips (ingest.scenes) as model input, with their changing tokens."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ingest.synth import SceneSpec, moving_objects_clip, token_change
+from ingest.scenes import SceneSpec, moving_objects_clip, token_change
 from lvmae.config import VideoSpec
 
 # The scene the priority benchmark and test use: tinted objects (see docs/tokenizer.md).

@@ -1,4 +1,4 @@
-"""The procedural long-context benchmark (ingest.benchmark): determinism, balance, decodable H.264 files,
+"""The procedural long-context benchmark (ingest.synth): determinism, balance, decodable H.264 files,
 oracle solvability from the whole clip after coding, the long-context property, ingest and the CLI."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import av
 import numpy as np
 import pytest
 
-from ingest.benchmark import TASKS, event_length, make_clip, write_benchmark
-from lvmae.cli import main
+from ingest.synth import TASKS, event_length, make_clip, write_benchmark
+from lvmae_cli.main import main
 
 T, SIZE, NUM = 128, 32, 8
 

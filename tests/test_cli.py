@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from lvmae.cli import main
+from lvmae_cli.main import main
 
 
 def test_info_json_reports_versions_dali_and_presets(capsys):
@@ -19,10 +19,10 @@ def test_info_json_reports_versions_dali_and_presets(capsys):
 
 def test_console_script_runs_and_unknown_commands_fail():
     ok = subprocess.run(
-        [sys.executable, "-m", "lvmae.cli", "info"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "lvmae_cli", "info"], capture_output=True, text=True, check=False
     )
     assert ok.returncode == 0 and "model presets" in ok.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "lvmae.cli", "frobnicate"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "lvmae_cli", "frobnicate"], capture_output=True, text=True, check=False
     )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr

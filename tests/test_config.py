@@ -1,13 +1,7 @@
 import pytest
 
-from lvmae.config import (
-    ConfigError,
-    MAEConfig,
-    TokenizerConfig,
-    check_tokenizer_matches,
-    load_config,
-    to_yaml,
-)
+from lvmae.config import ConfigError, MAEConfig, load_config, to_yaml
+from lvmae.tokenizer_config import TokenizerConfig, check_tokenizer_matches
 
 
 def test_presets_fill_sizes_and_explicit_values_win(tmp_path):

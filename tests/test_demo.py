@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from train.trainer import read_log
+from train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_demo_runs_end_to_end_with_few_steps(tmp_path, store):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "train.demo", "--out", str(out), "--store", store]
+    cmd = [sys.executable, "-m", "lvmae_cli.demo", "--out", str(out), "--store", store]
     cmd += ["--videos", "24", "--tokenizer-steps", "4", "--mae-steps", "6", "--probe-epochs", "2"]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

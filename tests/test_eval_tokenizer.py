@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from evals.tokenizer_eval import evaluate_tokenizer, run_eval_tokenizer
 from lvmae import diagnostics as dg
-from lvmae.cli import main as lvmae_main
 from lvmae.tokenizer import load_tokenizer
-from train.eval_tokenizer import evaluate_tokenizer, run_eval_tokenizer
+from lvmae_cli.main import main as lvmae_main
 from train.loader import ClipLoader
 
 

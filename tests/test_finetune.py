@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from evals.finetune import FinetuneTask, load_finetune_config, mixup, random_window, soft_targets
 from lvmae.weights import load_classifier
-from train.config import load_finetune_config
 from train.engine import param_groups
-from train.tasks import FinetuneTask, mixup, random_window, soft_targets
-from train.trainer import read_log
+from train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +72,7 @@ def test_soft_targets_mixup_and_random_window():
 
 
 def finetune(colour_data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lvmae.cli", "finetune", f"finetune.init_from={colour_data / 'export'}"]
+    cmd = [sys.executable, "-m", "lvmae_cli", "finetune", f"finetune.init_from={colour_data / 'export'}"]
     cmd += [
         f"data.url={colour_data / 'data'}",
         "data.batch_size=4",
@@ -152,7 +151,7 @@ def test_two_ranks_start_from_the_pretrained_encoder(colour_data, tmp_path):
     the exported encoder is the pretrained one."""
     from safetensors.torch import load_file
 
-    cmd = [sys.executable, "-m", "lvmae.cli", "launch", "--nproc", "2", "--launcher", "torchrun", "--"]
+    cmd = [sys.executable, "-m", "lvmae_cli", "launch", "--nproc", "2", "--launcher", "torchrun", "--"]
     cmd += ["finetune", f"finetune.init_from={colour_data / 'export'}", f"data.url={colour_data / 'data'}"]
     cmd += ["data.batch_size=2", "data.shuffle_buffer=8", "data.decoder=pyav", f"run.out={tmp_path / 'run'}"]
     cmd += ["run.steps=1", "optim.total_steps=1", "optim.warmup_steps=0", "optim.lr=1e-12", "optim.min_lr=0"]

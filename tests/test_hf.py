@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from train_data import LVMAE, REPO, tiny_mae_args
 
-from lvmae import hf
+from lvmae import hf, hf_import
 from lvmae.errors import UserError
 from lvmae.heads import VideoClassifier, encoder_for
-from lvmae.hf_cli import export_hf, import_weights
 from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.presets import preset_config
 from lvmae.weights import CLASSIFIER, load_classifier, load_mae, save_classifier, save_mae
+from lvmae_cli.weights_cmd import export_hf, import_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,7 +85,7 @@ def test_round_trip_is_bit_exact_and_the_key_bias_does_not_matter():
     model = perturbed(cfg)
     state = model.state_dict()
     hf_state, hf_cfg = hf.encoder_to_hf(state, cfg)
-    back, cfg2, _ = hf.hf_to_lvmae(hf_state, hf_cfg, hf.preprocessor_config(cfg))
+    back, cfg2, _ = hf_import.hf_to_lvmae(hf_state, hf_cfg, hf.preprocessor_config(cfg))
     assert (cfg2.encoder.embed_dim, cfg2.encoder.depth, cfg2.encoder.num_heads) == (96, 4, 3)
     assert (cfg2.pos_embed, cfg2.input_norm, cfg2.video.num_frames, cfg2.video.img_size) == (
         "videomae_1d",

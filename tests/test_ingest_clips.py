@@ -15,9 +15,9 @@ import pytest
 import webdataset as wds
 from videos import decode_means, level, write_audio_only, write_ramp_video
 
+from ingest.clip_plan import sample_key
 from ingest.clips import IngestError, ingest_clips
 from ingest.config import ClipSpec, IngestConfig
-from ingest.plan import sample_key
 from ingest.storage import Store
 
 
@@ -134,7 +134,7 @@ def test_bad_files_are_skipped_and_reported(tmp_path, sample_videos):
     cmd = [
         sys.executable,
         "-m",
-        "lvmae.cli",
+        "lvmae_cli",
         "ingest",
         "clips",
         str(corpus),
@@ -183,7 +183,7 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "lvmae.cli",
+        "lvmae_cli",
         "ingest",
         "clips",
         str(tmp_path),
@@ -251,7 +251,7 @@ def test_kill_9_then_rerun_gives_the_identical_data_set(sample_dir, tmp_path):
     ref = tmp_path / "ref"
     ingest_clips([str(sample_dir)], str(ref), cfg(size=96, shard_clips=1), progress=False)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "lvmae.cli", "ingest", "clips", str(sample_dir), "--out", str(out)]
+    cmd = [sys.executable, "-m", "lvmae_cli", "ingest", "clips", str(sample_dir), "--out", str(out)]
     cmd += ["--frames", "32", "--size", "96", "--shard-clips", "1", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -1,9 +1,9 @@
 import socket
 import urllib.request
 
-from ingest.cli import metrics_exporter
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
+from ingest.metrics import metrics_exporter
 
 
 def free_port() -> int:

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from ingest.plan import (
+from ingest.clip_plan import (
     VideoInfo,
     clip_span,
     clip_starts,

@@ -29,8 +29,8 @@ from videos import write_ramp_video
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
 from ingest.tokens import ingest_tokens
-from lvmae.cli import main as lvmae_main
 from lvmae.tokenizer import Tokenizer, save_tokenizer
+from lvmae_cli.main import main as lvmae_main
 
 FRAMES, SIZE, PER_SHARD = 16, 32, 3
 SECRET = "lvmae-test-secret-0f3c9a"  # must show up in no output and no Ray log

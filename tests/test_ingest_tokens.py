@@ -19,14 +19,16 @@ import torch
 import zarr
 from videos import write_ramp_video
 
+from ingest.clip_decode import decode_clip, to_model_input
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
-from ingest.decode import decode_clip, to_model_input
 from ingest.storage import Store
-from ingest.tokens import KEY_BYTES, TokensError, decode_keys, encode_keys, ingest_tokens
-from lvmae.cli import main as lvmae_main
-from lvmae.config import TokenizerConfig, VideoSpec
+from ingest.token_store import KEY_BYTES, decode_keys, encode_keys
+from ingest.tokens import TokensError, ingest_tokens
+from lvmae.config import VideoSpec
 from lvmae.tokenizer import Tokenizer, save_tokenizer
+from lvmae.tokenizer_config import TokenizerConfig
+from lvmae_cli.main import main as lvmae_main
 
 FRAMES, SIZE, PER_SHARD = 16, 32, 5
 GRID = (8, 4, 4)  # 16 frames / tubelet 2, 32 px / patch 8
@@ -346,7 +348,7 @@ def test_object_storage_gives_the_same_store(s3_bucket, sample_videos, tokenized
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lvmae.cli", "ingest", "tokens", *args, "--quiet"],
+        [sys.executable, "-m", "lvmae_cli", "ingest", "tokens", *args, "--quiet"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -14,8 +14,8 @@ from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.presets import preset_config
 from lvmae.weights import save_mae
 from train.config import load_train_config
+from train.runlog import read_log
 from train.tasks import MAETask
-from train.trainer import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny pixel-target MAE on 32 px clips with 8 px patches (no token set needed).
@@ -88,7 +88,7 @@ def test_train_mae_starts_from_the_export(colour_data, tmp_path):
     """One rank, 2 steps at a negligible lr: the run's export is the source's weights, its loss finite."""
     src = load_file(export(tmp_path / "e") / "model.safetensors")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lvmae.cli", "train", "mae", *MODEL, "model.video.num_frames=16"]
+    cmd = [sys.executable, "-m", "lvmae_cli", "train", "mae", *MODEL, "model.video.num_frames=16"]
     cmd += [f"model.init_from={tmp_path / 'e'}", f"data.url={colour_data / 'data'}", "data.decoder=pyav"]
     cmd += ["data.batch_size=2", "data.shuffle_buffer=8", "optim.lr=1e-30", "optim.min_lr=0"]
     cmd += ["optim.warmup_steps=0", "optim.total_steps=2", "run.steps=2", "run.precision=fp32"]

@@ -19,19 +19,13 @@ from test_ingest_tokens import tok_cfg
 
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
+from ingest.samples import tar_samples
 from ingest.storage import Store
-from ingest.tokens import decode_keys, ingest_tokens
+from ingest.token_store import decode_keys
+from ingest.tokens import ingest_tokens
 from lvmae.tokenizer import Tokenizer, save_tokenizer
-from train.loader import (
-    ClipLoader,
-    LoaderError,
-    prefetch,
-    read_shards,
-    shard_order,
-    shuffle,
-    split_by_rank,
-    tar_samples,
-)
+from train.loader import ClipLoader
+from train.stream import LoaderError, prefetch, read_shards, shard_order, shuffle, split_by_rank
 
 FRAMES, SIZE, PER_SHARD, N = 8, 32, 4, 30  # two 120-frame videos -> 30 clips in 8 shards
 GRID = (4, 4, 4)
@@ -309,7 +303,7 @@ def test_pyav_batches_held_while_the_next_decode_stay_as_decoded(dataset, tmp_pa
     """PyAVClipDecoder reuses its batch tensors: batches read ahead by a thread (as the trainer reads them)
     and kept, all of them or a few at a time, still hold their own clips; with a corrupt clip in the data
     (a batch refilled, torch.cat of two decodes)."""
-    from train.decode import PyAVClipDecoder
+    from train.decoders import PyAVClipDecoder
 
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)

@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
-from lvmae.config import MaskingConfig, num_visible
+from lvmae.config import MaskingConfig
 from lvmae.masking import (
     decoder_count,
     frame_mask,
     indices_of,
+    num_visible,
     plan_masks,
     random_mask,
     running_cell_pattern,

@@ -16,8 +16,8 @@ import yaml
 from prometheus_client import generate_latest
 from train_data import tiny_mae_args
 
+from train.dist import free_port
 from train.metrics import TrainMetrics, write_targets
-from train.trainer import free_port
 
 OPS = Path(__file__).resolve().parents[1] / "ops"
 
@@ -123,7 +123,7 @@ def test_prometheus_scrapes_a_real_training_run_and_the_dashboard_gets_data(tmp_
         "run.checkpoint_every=0",
         f"run.metrics_port_base={base}",
     )
-    cmd = [sys.executable, "-m", "lvmae.cli", "launch", "--launcher=torchrun", "--nproc=2"]
+    cmd = [sys.executable, "-m", "lvmae_cli", "launch", "--launcher=torchrun", "--nproc=2"]
     cmd += [f"--master-port={free_port()}", "--", *args]
     log = open(tmp_path / "train.log", "w")  # noqa: SIM115 (lives as long as the run)
     train = subprocess.Popen(cmd, cwd=OPS.parent, stdout=log, stderr=subprocess.STDOUT)

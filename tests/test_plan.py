@@ -14,10 +14,10 @@ import torch
 from lvmae.losses import mae_loss
 from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.presets import preset_config
+from train.activations import activation_bytes
 from train.config import load_train_config
-from train.plan import (
+from train.memory import (
     GIB,
-    activation_bytes,
     largest_batch,
     longest_clip,
     parse_bytes,
@@ -29,7 +29,7 @@ from train.plan import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-LVMAE = [sys.executable, "-m", "lvmae.cli"]
+LVMAE = [sys.executable, "-m", "lvmae_cli"]
 REQUIRED = ["data.url=/tmp/data", "data.tokens=fsq-0123456789abcdef"]
 
 

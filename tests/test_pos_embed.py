@@ -23,7 +23,7 @@ from lvmae.pos_embed import position_table, sincos_3d, videomae_1d
 from lvmae.presets import preset_config
 from lvmae.weights import load_mae, save_mae
 from train.config import load_saved_train_config
-from train.probe import load_source
+from train.pretrained import load_pretrained
 
 
 def tiny(frames: int = 8, **model) -> MAEConfig:
@@ -98,7 +98,7 @@ def test_old_saved_configs_load_as_sincos_3d_without_input_norm(tmp_path):
     loaded = load_mae(d)
     assert torch.equal(loaded.encoder.pos_embed, model.encoder.pos_embed)
     assert torch.equal(loaded.decoder_pos_embed, model.decoder_pos_embed)
-    src_cfg, _, what = load_source(str(d))
+    src_cfg, _, what = load_pretrained(str(d))
     assert src_cfg.pos_embed == "sincos_3d" and what.startswith("export")
     # A checkpoint's saved training config: its model section is read the same way.
     train_yaml = {
@@ -149,7 +149,7 @@ def test_resuming_an_older_checkpoint_under_the_new_default_is_refused(tmp_path)
 
     from train.checkpoint import CheckpointError
     from train.config import load_train_config
-    from train.trainer import check_resumed_model
+    from train.resume import check_resumed_model
 
     old = OmegaConf.to_container(OmegaConf.structured(load_train_config([], ["data.url=x", "data.tokens=t"])))
     for key in ("pos_embed", "input_norm"):
@@ -171,9 +171,9 @@ def test_resuming_an_older_fine_tune_under_the_new_pooling_is_refused(tmp_path):
     """A fine-tune saved before finetune.pooling existed pooled normalised tokens (norm_mean)."""
     from omegaconf import OmegaConf
 
+    from evals.finetune import load_finetune_config
     from train.checkpoint import CheckpointError
-    from train.config import load_finetune_config
-    from train.trainer import check_resumed_model
+    from train.resume import check_resumed_model
 
     args = ["data.url=x", "finetune.init_from=y"]
     old = OmegaConf.to_container(OmegaConf.structured(load_finetune_config([], args)))

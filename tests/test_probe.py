@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lvmae.cli import main
+from evals.accuracy import scores
+from evals.features import cut_views, view_starts
+from evals.probe import ProbeConfig, run_probe
 from lvmae.heads import AttentiveProbe, VideoClassifier, encoder_for, layer_id
 from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.presets import preset_config
-from train.probe import ProbeConfig, cut_views, run_probe, scores, view_starts
+from lvmae_cli.main import main
 
 
 def test_view_starts_and_cut_views():

@@ -28,7 +28,7 @@ from train_data import LVMAE, REPO, finish, kill_9_all, launch, tiny_mae_args
 from ingest.objectstore import LocalS3Server
 from train.checkpoint import STALL_ENV, CheckpointError, StoredCheckpoints, file_owner
 from train.rundir import RunDir, default_stage_dir, fetch_folder, is_url
-from train.trainer import read_log
+from train.runlog import read_log
 
 STEP4, STEP8, STEP12 = "step-00000004", "step-00000008", "step-00000012"
 
@@ -207,12 +207,12 @@ def test_a_run_on_object_storage_writes_everything_to_the_store(
     print(f"\nupload per checkpoint (s): {times}; run {straight['seconds']:.1f} s")
 
     # `lvmae eval probe` (and finetune.init_from) read a run on the store: its export, or a checkpoint.
-    from train.probe import load_source
+    from train.pretrained import load_pretrained
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the fetched files' stage: not the real /tmp
-    cfg, exported, what = load_source(url)
+    cfg, exported, what = load_pretrained(url)
     assert what == f"export {url}/export" and cfg.video.num_frames == 8
-    _, rebuilt, what = load_source(f"{url}/checkpoints/{STEP12}")
+    _, rebuilt, what = load_pretrained(f"{url}/checkpoints/{STEP12}")
     assert what == f"checkpoint {url}/checkpoints/{STEP12}"
     assert set(rebuilt) == set(exported) and all(torch.equal(rebuilt[k], exported[k]) for k in rebuilt)
 

@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ParamValid
 from test_loader import Flaky, new_stats, tar_bytes
 
 from ingest.retry import RetryPolicy, StoreRetry, StoreUnavailable, is_transient
-from train.loader import LoaderError, read_shards
+from train.stream import LoaderError, read_shards
 
 
 class FakeTime:

@@ -19,7 +19,8 @@ from ingest.config import ClipSpec, IngestConfig
 from ingest.objectstore import LocalS3Server
 from ingest.retry import RetryPolicy
 from ingest.storage import Store
-from ingest.tokens import ingest_tokens, open_tokens
+from ingest.token_store import open_tokens
+from ingest.tokens import ingest_tokens
 
 OUTAGE_S = 20.0
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ingest.frames import load_clip
-from lvmae.config import ConfigError, TokenizerConfig, VideoSpec
+from lvmae.config import ConfigError, VideoSpec
 from lvmae.tokenizer import (
     Tokenizer,
     held_latents,
@@ -21,6 +21,7 @@ from lvmae.tokenizer import (
     tokenizer_id,
     tokenizer_loss,
 )
+from lvmae.tokenizer_config import TokenizerConfig
 
 
 def small_cfg(

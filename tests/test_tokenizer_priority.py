@@ -1,7 +1,7 @@
 """The learned priority finds what changes: a small, fast version of bench/tokenizer_priority.py.
 
 The demo's tokenizer is trained for 800 steps (two fifths of the benchmark's) on procedural clips
-(ingest.synth: a still textured background, moving tinted objects, flickering patches) and its top-15%
+(ingest.scenes: a still textured background, moving tinted objects, flickering patches) and its top-15%
 priority tokens must fall on the changing tokens more than 1.5 times as often as chance would put them
 there. An untrained scorer sits near 1.0 and the code before issue 8 stays near it (1.26 after 2,000 steps
 in the benchmark); this run reached 3.03 when it was written (2.75 without context tokens).
@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from synth_clips import clip_batch
 
 from lvmae import diagnostics as dg
-from lvmae.config import TokenizerConfig, load_config
+from lvmae.config import load_config
 from lvmae.tokenizer import Tokenizer, tokenizer_loss
+from lvmae.tokenizer_config import TokenizerConfig
 
 STEPS = 800
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tokenizer_demo_cpu.yaml"

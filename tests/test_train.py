@@ -31,8 +31,8 @@ from train_data import (
 from ingest.tokens import ingest_tokens
 from lvmae.tokenizer import load_tokenizer
 from lvmae.weights import load_mae
-from train.cli import launcher_command
-from train.trainer import read_log
+from lvmae_cli.launch_cmd import launcher_command
+from train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_VIDEO = [o.replace("model.", "tokenizer.") for o in VIDEO]
@@ -72,13 +72,13 @@ def test_two_ranks_train_checkpoint_and_export(uninterrupted: Path):
 @pytest.mark.slow
 def test_probe_source_rebuilds_a_checkpoints_weights(uninterrupted: Path):
     """`lvmae eval probe` takes a checkpoint folder: its ZeRO-3 shards give the exported weights."""
-    from train.probe import load_source
+    from train.pretrained import load_pretrained
 
-    cfg, state, what = load_source(str(uninterrupted / "checkpoints" / "step-00000012"))
+    cfg, state, what = load_pretrained(str(uninterrupted / "checkpoints" / "step-00000012"))
     exported = load_mae(uninterrupted / "export").state_dict()
     assert what.startswith("checkpoint") and cfg.video.num_frames == 8
     assert set(state) == set(exported) and all(torch.equal(state[k], exported[k]) for k in state)
-    _, from_run, what = load_source(str(uninterrupted))  # a run folder: its export/
+    _, from_run, what = load_pretrained(str(uninterrupted))  # a run folder: its export/
     assert what.startswith("export") and torch.equal(from_run["head.weight"], exported["head.weight"])
 
 
@@ -193,7 +193,7 @@ def test_launcher_commands():
         "--master_addr=10.0.0.1",
         "--no_local_rank",
         "--module",
-        "lvmae.cli",
+        "lvmae_cli",
         *rest,
     ]
     local = launcher_command("deepspeed", 2, rest)
@@ -204,7 +204,7 @@ def test_launcher_commands():
     )
     assert tr[1:3] == ["-m", "torch.distributed.run"]
     assert {"--nproc_per_node=2", "--nnodes=2", "--node_rank=1", "--master_port=1234"} <= set(tr)
-    assert tr[-len(rest) - 2 :] == ["-m", "lvmae.cli", *rest]
+    assert tr[-len(rest) - 2 :] == ["-m", "lvmae_cli", *rest]
 
 
 def test_a_busy_metrics_port_is_one_clear_line(data, tmp_path: Path):

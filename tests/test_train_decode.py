@@ -1,4 +1,4 @@
-"""train.decode: DALI (CPU here) and PyAV clip decoders on real VP9 clips cut by `lvmae ingest clips`."""
+"""train.decoders: DALI (CPU here) and PyAV clip decoders on real VP9 clips cut by `lvmae ingest clips`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from ingest.clip_decode import CorruptClip, decode_clip
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
-from ingest.decode import CorruptClip, decode_clip
-from train.decode import (
+from train.decoders import (
     BatchBuffers,
     DaliClipDecoder,
     PyAVClipDecoder,

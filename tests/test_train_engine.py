@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from lvmae.config import ConfigError, check_tokenizer_matches
+from lvmae.config import ConfigError
+from lvmae.tokenizer_config import check_tokenizer_matches
 from train.config import (
     OptimConfig,
     TrainConfig,

@@ -17,12 +17,13 @@ import torch
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
 from ingest.tokens import ingest_tokens
-from lvmae.config import TokenizerConfig, VideoSpec
+from lvmae.config import VideoSpec
 from lvmae.tokenizer import Tokenizer, save_tokenizer
-from train.trainer import read_log
+from lvmae.tokenizer_config import TokenizerConfig
+from train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[1]
-LVMAE = [sys.executable, "-m", "lvmae.cli"]
+LVMAE = [sys.executable, "-m", "lvmae_cli"]
 VIDEO = ["model.video.num_frames=8", "model.video.img_size=32", "model.video.patch_size=8"]
 
 

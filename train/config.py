@@ -16,27 +16,19 @@ from typing import Any
 
 from ingest.labels import SPLITS
 from lvmae.config import (
-    POOLINGS,
     ConfigError,
     MAEConfig,
-    TokenizerConfig,
+    check,
+    check_choice,
     load_config,
     saved_model_dict,
     to_yaml,
 )
+from lvmae.tokenizer_config import TokenizerConfig
 
 DECODER_BACKENDS = ("auto", "dali", "pyav")
 PRECISIONS = ("auto", "fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def _choice(value: Any, key: str, choices: Sequence[Any]) -> None:
-    _check(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 @dataclass
@@ -64,15 +56,15 @@ class DataConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, prefix: str = "data") -> None:
-        _check(bool(self.url), f"{prefix}.url", "must name the data set")
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be a positive integer")
+        check(bool(self.url), f"{prefix}.url", "must name the data set")
+        check(self.batch_size >= 1, f"{prefix}.batch_size", "must be a positive integer")
         if self.split is not None:
-            _choice(self.split, f"{prefix}.split", SPLITS)
-        _check(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", "must be >= 0")
-        _choice(self.decoder, f"{prefix}.decoder", DECODER_BACKENDS)
-        _check(self.decode_threads >= 0, f"{prefix}.decode_threads", "must be >= 0 (0: automatic)")
-        _check(self.retries >= 0, f"{prefix}.retries", "must be >= 0")
-        _check(self.retry_deadline_s >= 0, f"{prefix}.retry_deadline_s", "must be >= 0 (seconds)")
+            check_choice(self.split, f"{prefix}.split", SPLITS)
+        check(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", "must be >= 0")
+        check_choice(self.decoder, f"{prefix}.decoder", DECODER_BACKENDS)
+        check(self.decode_threads >= 0, f"{prefix}.decode_threads", "must be >= 0 (0: automatic)")
+        check(self.retries >= 0, f"{prefix}.retries", "must be >= 0")
+        check(self.retry_deadline_s >= 0, f"{prefix}.retry_deadline_s", "must be >= 0 (seconds)")
 
 
 @dataclass
@@ -88,21 +80,21 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
     def validate(self, prefix: str = "optim") -> None:
-        _check(self.lr > 0, f"{prefix}.lr", "must be positive")
-        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
-        _check(
+        check(self.lr > 0, f"{prefix}.lr", "must be positive")
+        check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]")
+        check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"{prefix}.betas",
             f"needs two values in [0, 1); got {list(self.betas)}",
         )
-        _check(self.total_steps >= 1, f"{prefix}.total_steps", "must be a positive integer")
-        _check(
+        check(self.total_steps >= 1, f"{prefix}.total_steps", "must be a positive integer")
+        check(
             0 <= self.warmup_steps <= self.total_steps,
             f"{prefix}.warmup_steps",
             f"must be in [0, total_steps={self.total_steps}]",
         )
-        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0")
+        check(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0")
 
 
 @dataclass
@@ -127,37 +119,38 @@ class RunConfig:
     log_every: int = 10  # steps
 
     def validate(self, prefix: str = "run") -> None:
-        _check(bool(self.out), f"{prefix}.out", "must name an output directory")
+        check(bool(self.out), f"{prefix}.out", "must name an output directory")
         if "://" in self.out:
             import fsspec
 
             protocol = self.out.split("://", 1)[0]
-            _check(
+            check(
                 protocol in fsspec.available_protocols(),
                 f"{prefix}.out",
                 f"unknown storage protocol {protocol!r} (a local path, or a URL such as s3://bucket/runs/x)",
             )
-        _check(self.stage_dir is None or bool(self.stage_dir), f"{prefix}.stage_dir", "must name a folder")
-        _check(self.steps >= 1, f"{prefix}.steps", "must be a positive integer")
-        _check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", "must be >= 0")
-        _check(self.keep_last >= 0, f"{prefix}.keep_last", "must be >= 0")
-        _choice(self.precision, f"{prefix}.precision", PRECISIONS)
-        _choice(self.zero_stage, f"{prefix}.zero_stage", ZERO_STAGES)
-        _check(
+        check(self.stage_dir is None or bool(self.stage_dir), f"{prefix}.stage_dir", "must name a folder")
+        check(self.steps >= 1, f"{prefix}.steps", "must be a positive integer")
+        check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", "must be >= 0")
+        check(self.keep_last >= 0, f"{prefix}.keep_last", "must be >= 0")
+        check_choice(self.precision, f"{prefix}.precision", PRECISIONS)
+        check_choice(self.zero_stage, f"{prefix}.zero_stage", ZERO_STAGES)
+        check(
             self.metrics_port_base == 0 or 1024 <= self.metrics_port_base <= 65535,
             f"{prefix}.metrics_port_base",
             f"must be 0 (off) or a port in [1024, 65535]; got {self.metrics_port_base}",
         )
-        _check(bool(self.metrics_addr), f"{prefix}.metrics_addr", "must be an address")
-        _check(self.log_every >= 1, f"{prefix}.log_every", "must be a positive integer")
+        check(bool(self.metrics_addr), f"{prefix}.metrics_addr", "must be an address")
+        check(self.log_every >= 1, f"{prefix}.log_every", "must be a positive integer")
 
 
-def _validate_training(data: DataConfig, optim: OptimConfig, run: RunConfig) -> None:
-    """The sections every training config shares, and how they bound each other."""
+def validate_training(data: DataConfig, optim: OptimConfig, run: RunConfig) -> None:
+    """The sections every training config shares (this module's and evals.finetune's), and how they
+    bound each other."""
     data.validate("data")
     optim.validate("optim")
     run.validate("run")
-    _check(
+    check(
         run.steps <= optim.total_steps,
         "run.steps",
         f"{run.steps} exceeds optim.total_steps {optim.total_steps} (the schedule's end)",
@@ -176,7 +169,7 @@ class PretrainModelConfig(MAEConfig):
 
     def validate(self, prefix: str = "model") -> None:
         super().validate(prefix)
-        _check(self.init_from is None or bool(self.init_from), f"{prefix}.init_from", "must name an export")
+        check(self.init_from is None or bool(self.init_from), f"{prefix}.init_from", "must name an export")
 
 
 @dataclass
@@ -190,9 +183,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.model.validate("model")
-        _validate_training(self.data, self.optim, self.run)
-        if self.model.target.kind == "tokens" or self.model.masking.decoder == "adaptive":
-            _check(
+        validate_training(self.data, self.optim, self.run)
+        if self.model.target.kind == "tokens" or self.model.masking.needs_priority:
+            check(
                 self.data.tokens is not None,
                 "data.tokens",
                 "token targets and adaptive decoder masking need a token set: the tokenizer id under tokens/",
@@ -219,64 +212,8 @@ class TokenizerTrainConfig:
 
     def validate(self) -> None:
         self.tokenizer.validate("tokenizer")
-        _validate_training(self.data, self.optim, self.run)
-        _check(self.data.tokens is None, "data.tokens", "the tokenizer trains on clips alone: leave it unset")
-
-
-@dataclass
-class FinetuneSpec:
-    """What `lvmae finetune` starts from and how: VideoMAE's fine-tuning recipe (layer-wise lr decay, drop
-    path, label smoothing, optional mixup), then a multi-view evaluation of the result."""
-
-    init_from: str = "???"  # an exported MAE (RUN/export) or its run folder: the encoder and its shape
-    random_init: bool = False  # the same encoder shape, untrained: the baseline
-    num_frames: int | None = None  # the clip length the encoder runs on (default: its pretraining length)
-    img_size: int | None = None  # its clip side (default: its pretraining size)
-    drop_path: float = 0.1
-    head_dropout: float = 0.0
-    # How the classifier pools the tokens (lvmae.heads.VideoClassifier): `videomae` (mean of the last
-    # block's tokens, fc_norm, linear: VideoMAE's head, exported exactly by `lvmae export hf`) or
-    # `norm_mean` (the encoder's final norm on every token first: what lvmae fine-tuned before this option).
-    pooling: str = "videomae"
-    layer_decay: float = 0.75  # block i of L gets lr * layer_decay ** (L + 1 - (i + 1)); 1 disables
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # Beta(alpha, alpha) mixing of clips and labels; 0 disables
-    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])  # scored after training
-    temporal_views: int = 1  # evaluation views per clip (logits averaged)
-    spatial_views: int = 1
-
-    def validate(self, prefix: str = "finetune") -> None:
-        _check(bool(self.init_from), f"{prefix}.init_from", "must name an exported MAE (RUN/export)")
-        _check(0 <= self.drop_path < 1, f"{prefix}.drop_path", "must be in [0, 1)")
-        _check(0 <= self.head_dropout < 1, f"{prefix}.head_dropout", "must be in [0, 1)")
-        _choice(self.pooling, f"{prefix}.pooling", POOLINGS)
-        _check(0 < self.layer_decay <= 1, f"{prefix}.layer_decay", "must be in (0, 1]")
-        _check(0 <= self.label_smoothing < 1, f"{prefix}.label_smoothing", "must be in [0, 1)")
-        _check(self.mixup >= 0, f"{prefix}.mixup", "must be >= 0 (0: off)")
-        for split in self.eval_splits:
-            _choice(split, f"{prefix}.eval_splits", SPLITS)
-        _check(self.temporal_views >= 1, f"{prefix}.temporal_views", "must be >= 1")
-        _check(self.spatial_views >= 1, f"{prefix}.spatial_views", "must be >= 1")
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning a pretrained encoder with a classifier on labelled clips (`lvmae finetune`)."""
-
-    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
-    data: DataConfig = field(default_factory=lambda: DataConfig(split="train"))
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=100, total_steps=1000)
-    )
-    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/finetune", steps=1000))
-
-    def validate(self) -> None:
-        self.finetune.validate("finetune")
-        _validate_training(self.data, self.optim, self.run)
-        _check(
-            self.data.tokens is None, "data.tokens", "fine-tuning reads clips and labels only: leave it unset"
-        )
-        _check(self.data.split is not None, "data.split", "fine-tune on one split (train), never on all")
+        validate_training(self.data, self.optim, self.run)
+        check(self.data.tokens is None, "data.tokens", "the tokenizer trains on clips alone: leave it unset")
 
 
 SECRET_OPTION = ("key", "secret", "token", "password", "credential")
@@ -326,26 +263,17 @@ def load_tokenizer_train_config(
     return load_config(TokenizerTrainConfig, recipe_paths, overrides)
 
 
-def load_finetune_config(
-    recipe_paths: Iterable[str | Path | dict[str, Any]] = (), overrides: Sequence[str] = ()
-) -> FinetuneConfig:
-    """The same for FinetuneConfig."""
-    return load_config(FinetuneConfig, recipe_paths, overrides)
-
-
 __all__ = [
     "DataConfig",
-    "FinetuneConfig",
-    "FinetuneSpec",
     "OptimConfig",
     "PretrainModelConfig",
     "RunConfig",
     "TokenizerTrainConfig",
     "TrainConfig",
-    "load_finetune_config",
     "load_saved_train_config",
     "load_tokenizer_train_config",
     "load_train_config",
     "redacted",
     "saved_yaml",
+    "validate_training",
 ]

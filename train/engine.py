@@ -179,6 +179,15 @@ def export_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def consolidated_state(checkpoint: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint folder (RUN/checkpoints/step-N, every rank's files in it) -> the model's full-precision
+    state dict, rebuilt from the ZeRO shards by DeepSpeed's zero_to_fp32 (no process group needed)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(checkpoint)
+    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+
+
 def default_extensions_dir() -> Path:
     """Where DeepSpeed's JIT-compiled ops are cached: the repository's .cache/ in a checkout, else
     ~/.cache/lvmae."""
@@ -219,6 +228,7 @@ def release_shm_buffer() -> None:
 
 __all__ = [
     "build_engine",
+    "consolidated_state",
     "deepspeed_config",
     "export_state_dict",
     "full_state_dict",

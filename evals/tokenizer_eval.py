@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
+from evals.figures import frame_grid, tint, token_map
 from lvmae import diagnostics as dg
 from lvmae.errors import UserError
 from lvmae.tokenizer import CONFIG_FILE, Tokenizer, load_tokenizer
 from lvmae.weights import write_text_atomically
-from train.figure import frame_grid, tint, token_map
 
 TOP = 0.15  # the share of tokens the LVMAE decoder reconstructs: the priority's top is what matters
 

@@ -1,4 +1,4 @@
-"""The `lvmae` command line. Subcommands are added by each part of the system (ingest, train, ...)."""
+"""`lvmae info`: versions, whether CUDA and DALI are usable here, and the model presets."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ import argparse
 import importlib.metadata
 import json
 import platform
-import sys
-from collections.abc import Sequence
-
-from lvmae.config import ConfigError
-from lvmae.errors import UserError
+from typing import Any
 
 DISTRIBUTIONS = (
     "torch",
@@ -61,8 +57,9 @@ def preset_table() -> list[dict[str, object]]:
     """Sizes and parameter counts of every preset (built on the meta device: no memory used)."""
     import torch
 
+    from lvmae.config import MODEL_PRESETS
     from lvmae.mae import MaskedVideoAutoencoder
-    from lvmae.presets import MODEL_PRESETS, preset_config
+    from lvmae.presets import preset_config
 
     rows = []
     for name in MODEL_PRESETS:
@@ -123,65 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lvmae", description="Long-video masked autoencoders: ingest, train, monitor."
-    )
-    # The deepspeed launcher puts --local_rank=N before the rank's arguments unless given --no_local_rank
-    # (`lvmae launch` gives it); the rank reads LOCAL_RANK from its environment instead.
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_parser(sub: Any) -> None:
     info = sub.add_parser("info", help="versions, CUDA and DALI status, model presets")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
-    from ingest.cli import add_parser as add_ingest
-    from lvmae.hf_cli import add_parsers as add_hf_parsers
-    from train.cli import (
-        add_eval_parser,
-        add_finetune_parser,
-        add_launch_parser,
-        add_plan_parser,
-        add_train_parser,
-    )
-
-    add_ingest(sub)
-    add_train_parser(sub)
-    add_finetune_parser(sub)
-    add_launch_parser(sub)
-    add_eval_parser(sub)
-    add_hf_parsers(sub)
-    add_plan_parser(sub)
-    return parser
-
-
-def exit_now(code: int) -> None:
-    """Exit after the exit hooks, without the interpreter's teardown: for a run that stops because its
-    store is gone, whose reads still in flight (zarr's event loop, s3fs) would otherwise be torn down
-    with a page of "Task was destroyed" tracebacks under its one-line error."""
-    import atexit
-    import os
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    run_exit_hooks = getattr(atexit, "_run_exitfuncs", None)  # CPython: what a normal exit runs first
-    if run_exit_hooks is not None:
-        run_exit_hooks()
-    os._exit(code)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (UserError, ConfigError) as err:
-        print(f"lvmae {args.command}: error: {err}", file=sys.stderr)
-        if getattr(err, "abandon_in_flight", False):
-            exit_now(2)
-        return 2
-    except KeyboardInterrupt:
-        print(f"lvmae {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,8 @@
-"""`lvmae export hf` and `lvmae import`: the files around lvmae.hf's pure conversions.
+"""`lvmae export hf` and `lvmae import`: the files around lvmae.hf's and lvmae.hf_import's pure conversions.
 
     lvmae export hf RUN/export --out hf-model [--num-classes 4]   # config.json, model.safetensors,
                                                                   # preprocessor_config.json
+    lvmae export hf RUN/checkpoints/step-N --out hf-model        # any source train.pretrained reads
     lvmae export hf FINETUNE_RUN --out hf-classifier             # VideoMAEForVideoClassification
     lvmae import hf-model --out imported                         # a transformers VideoMAE directory
     lvmae import videomae_vitb.pth --out imported --frames 16    # an original VideoMAE checkpoint
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lvmae import hf
-from lvmae.config import ConfigError, load_saved_model_config
+from lvmae import hf, hf_import
+from lvmae.config import ConfigError
 from lvmae.errors import UserError
+from lvmae.mae import MaskedVideoAutoencoder
 from lvmae.weights import (
     CLASSES,
     MAE_CONFIG,
@@ -32,29 +34,22 @@ from lvmae.weights import (
     save_mae,
     write_text_atomically,
 )
+from train.pretrained import EXPORT, load_pretrained, locate
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_PROCESSOR = "preprocessor_config.json"
 
 
-def _export_dir(path: Path) -> Path:
-    for d in (path, path / "export"):
-        if (d / MAE_CONFIG).is_file() and (d / MAE_WEIGHTS).is_file():
-            return d
-    raise UserError(
-        f"{path} is not an lvmae export ({MAE_CONFIG} + {MAE_WEIGHTS}) nor a run folder with export/"
-    )
-
-
 def export_hf(source: str, out: str, num_classes: int | None = None) -> list[str]:
-    """Write a transformers VideoMAE folder for an lvmae export; -> what was done, one line each."""
-    src = _export_dir(Path(source))
-    cfg = load_saved_model_config(src / MAE_CONFIG)
-    state = load_file(src / MAE_WEIGHTS, device="cpu")
+    """Write a transformers VideoMAE folder for pretrained weights (an export, a run folder, a checkpoint,
+    local or on object storage: train.pretrained) or a fine-tuned classifier's export; -> what was done,
+    one line each."""
+    kind, src, _ = locate(source)  # a URL is fetched once, here
+    cfg, state, _ = load_pretrained(str(src))
     said = []
     try:
-        if (src / CLASSES).is_file():
+        if kind == EXPORT and (src / CLASSES).is_file():
             classes = json.loads((src / CLASSES).read_text())
             pooling = load_classifier_options(src)["pooling"]
             hf_state, hf_cfg = hf.classifier_to_hf(state, cfg, classes, pooling)
@@ -92,9 +87,10 @@ def check_export(source: str, hf_dir: str, clip: torch.Tensor) -> float:
     (lvmae: x / 255; transformers: the exported preprocessor). Needs the transformers package."""
     import transformers
 
-    from lvmae.weights import load_mae
-
-    model = load_mae(_export_dir(Path(source))).eval()
+    cfg, state, _ = load_pretrained(source)
+    model = MaskedVideoAutoencoder(cfg)
+    model.load_state_dict(state, strict=True)
+    model.eval()
     theirs = transformers.VideoMAEModel.from_pretrained(hf_dir).eval()
     processor = transformers.VideoMAEImageProcessor.from_pretrained(hf_dir)
     frames = list(clip.permute(1, 2, 3, 0).numpy())  # T x (H, W, C) uint8
@@ -114,7 +110,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(
             f"{path}: cannot be read as a weights-only torch checkpoint ({type(err).__name__})"
         ) from None
-    return hf.unwrap_checkpoint(obj)
+    return hf_import.unwrap_checkpoint(obj)
 
 
 def read_source(
@@ -131,14 +127,14 @@ def read_source(
         processor = json.loads((path / HF_PROCESSOR).read_text()) if (path / HF_PROCESSOR).is_file() else None
         state = _load_tensors(weights[0])
         config = json.loads((path / HF_CONFIG).read_text())
-        return hf.hf_to_lvmae(state, config, processor, num_frames, img_size)
+        return hf_import.hf_to_lvmae(state, config, processor, num_frames, img_size)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     if path.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
         raise UserError(
             f"{path}: expected a .pth, .pt, .bin or .safetensors checkpoint, or a transformers folder"
         )
-    return hf.original_to_lvmae(_load_tensors(path), num_frames or 16, img_size or 224, num_heads)
+    return hf_import.original_to_lvmae(_load_tensors(path), num_frames or 16, img_size or 224, num_heads)
 
 
 def import_weights(
@@ -149,8 +145,6 @@ def import_weights(
     num_heads: int | None = None,
 ) -> list[str]:
     """Convert and write an lvmae export folder; -> notes, one line each."""
-    from lvmae.mae import MaskedVideoAutoencoder
-
     try:
         state, cfg, notes = read_source(source, num_frames, img_size, num_heads)
         cfg.validate()
@@ -190,12 +184,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     """`lvmae export hf` and `lvmae import`."""
     export = sub.add_parser("export", help="write lvmae weights in another library's layout")
     fmt = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
     p = fmt.add_parser("hf", help="a transformers VideoMAE folder (docs/weights.md)")
-    p.add_argument("source", help="an lvmae export folder (RUN/export) or its run folder")
+    p.add_argument(
+        "source", help="an lvmae export (RUN/export), its run folder, or a checkpoint (local or a URL)"
+    )
     p.add_argument("--out", required=True, help="the transformers folder to write")
     p.add_argument("--num-classes", type=int, help="VideoMAEForVideoClassification with a fresh head")
     p.set_defaults(func=cmd_export_hf)

@@ -1,4 +1,5 @@
-"""`lvmae ingest ...` subcommands."""
+"""`lvmae ingest clips|tokens|synth`: the argparse subcommands over ingest.clips, ingest.tokens and
+ingest.synth (add_parser, which the main parser calls), and what they print."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import sys
 
 from ingest.config import ClipSpec, IngestConfig
+from ingest.metrics import metrics_exporter
 from ingest.retry import StoreUnavailable
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -20,33 +22,6 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB, 64MiB, 500000)")
     unit = m.group(2).upper()
     return int(float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1))
-
-
-def metrics_exporter(port: int | None, addr: str = "127.0.0.1"):
-    """Prometheus counters for the ingest figures, served on addr:port; -> on_progress callback."""
-    if port is None:
-        return None
-    from prometheus_client import CollectorRegistry, Counter, start_http_server
-
-    registry = CollectorRegistry()  # private: several ingests in one process must not collide
-    files = Counter("lvmae_ingest_files_total", "Source files probed", ["status"], registry=registry)
-    clips = Counter("lvmae_ingest_clips_total", "Clips written", registry=registry)
-    written = Counter("lvmae_ingest_written_bytes_total", "Clip bytes written", registry=registry)
-    errors = Counter(
-        "lvmae_ingest_clip_errors_total", "Clips skipped because their source failed", registry=registry
-    )
-    start_http_server(port, addr=addr, registry=registry)
-
-    def on_progress(metric: str, amount: int) -> None:
-        {
-            "files_ok": files.labels("ok"),
-            "files_bad": files.labels("bad"),
-            "clips": clips,
-            "bytes": written,
-            "clip_errors": errors,
-        }[metric].inc(amount)
-
-    return on_progress
 
 
 def _storage_options(text: str | None) -> dict | None:
@@ -199,7 +174,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     Resumable: videos already in OUT are kept. Feed the manifest to `lvmae ingest clips`.
     """
-    from ingest.benchmark import task_table, write_benchmark
+    from ingest.synth import task_table, write_benchmark
     from lvmae.errors import UserError
 
     if args.list:
@@ -298,7 +273,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_tokens)
 
-    from ingest.benchmark import TASKS, task_table
+    from ingest.synth import TASKS, task_table
 
     y = isub.add_parser(
         "synth",

@@ -3,7 +3,7 @@
     results = evaluate_classifier("RUN/export", "DATA", ["val", "test"], temporal_views=2)
 
 Each clip is cut into views (temporal windows x spatial crops of the classifier's clip), their logits
-averaged; top-1, top-5, per-class accuracy and the confusion matrix per split (train.probe.scores), written
+averaged; top-1, top-5, per-class accuracy and the confusion matrix per split (evals.accuracy), written
 to RUN/eval.json and RUN/confusion.png. RUN may be on object storage (s3://...): the export is fetched, and
 the two files are written into the run's local stage and uploaded (train.rundir).
 """
@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
+from evals.accuracy import scores
+from evals.features import cut_views
+from evals.figures import save_confusion
 from lvmae.errors import UserError
 from lvmae.weights import load_classifier, write_text_atomically
-from train.probe import cut_views, save_confusion, scores
 from train.rundir import RunDir, fetch_folder, is_url
 
 

@@ -2,7 +2,7 @@
 
 decode_clip: encoded clip -> (T, H, W, 3) uint8 RGB, decoded with PyAV, its colour conversion kept
 single-threaded (much faster per frame, STACK.md); decode_frames: the same frames as a list, not stacked
-(train.decode converts them straight into its batch). to_model_input: uint8 clips -> float
+(train.decoders converts them straight into its batch). to_model_input: uint8 clips -> float
 (B, 3, T, H, W) in [0, 1]. Ship uint8 across processes and convert late: a 128-frame float clip is 77 MB.
 """
 

@@ -31,7 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from train.trainer import free_port
+from train.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHOWN = re.compile(r"^(step |checkpoint |resumed |exported |lvmae train|removed )|error:")
@@ -46,7 +46,7 @@ def scrape(port: int, names: tuple[str, ...]) -> list[str]:
 def launch(what: str, args: list[str], log: Path, metrics_port: int | None = None) -> None:
     """`lvmae launch --nproc 2 -- train WHAT ARGS...`: rank 0's progress on the console, everything in
     `log`. With metrics_port, rank 0's endpoint is read once while it trains and shown."""
-    cmd = [sys.executable, "-m", "lvmae.cli", "launch", "--nproc=2", f"--master-port={free_port()}"]
+    cmd = [sys.executable, "-m", "lvmae_cli", "launch", "--nproc=2", f"--master-port={free_port()}"]
     cmd += ["--", "train", what, *args]
     shown_metrics = metrics_port is None
     with open(log, "a") as out:
@@ -127,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
-    from ingest.benchmark import write_benchmark
     from ingest.clips import IngestError, ingest_clips
     from ingest.config import ClipSpec, IngestConfig
     from ingest.storage import Store
+    from ingest.synth import write_benchmark
     from ingest.tokens import TokensError, ingest_tokens
-    from train.trainer import read_log
+    from train.runlog import read_log
 
     logs = out / "logs"
     print(
@@ -170,7 +170,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     ]
     tok_args += ["run.metrics_port_base=0"]
     launch("tokenizer", [*tok_args, "--resume", "auto"], logs / "tokenizer.log")
-    from train.eval_tokenizer import run_eval_tokenizer, summary_lines
+    from evals.tokenizer_eval import run_eval_tokenizer, summary_lines
 
     tok_eval = run_eval_tokenizer(str(tok_run / "tokenizer"), data, out=str(out / "tokenizer-eval"), clips=32)
     print(f"  lvmae eval tokenizer on {tok_eval['clips']} clips:", flush=True)
@@ -214,7 +214,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     launch("mae", run_args, logs / "mae.log", metrics_port=port)
 
     print("5/6 probe: attentive probe on the frozen encoder, held-out test videos", flush=True)
-    from train.probe import ProbeConfig, run_probe, summary_line
+    from evals.probe import ProbeConfig, run_probe, summary_line
 
     probes = {}
     for kind, random_init in (("pretrained", False), ("random_init", True)):
@@ -314,7 +314,7 @@ def export_to_transformers(export: Path, data: str, out: Path) -> dict:
     with lvmae's encoder on one test clip."""
     import torch
 
-    from lvmae.hf_cli import check_export, export_hf
+    from lvmae_cli.weights_cmd import check_export, export_hf
     from train.loader import ClipLoader
 
     export_hf(str(export), str(out))
@@ -325,9 +325,9 @@ def export_to_transformers(export: Path, data: str, out: Path) -> dict:
 
 
 def draw(data: str, tokenizer_id: str, tokenizer_dir: Path, export: Path, out: Path) -> tuple[Path, float]:
+    from evals.figures import reconstruct, save_figure
     from lvmae.tokenizer import load_tokenizer
     from lvmae.weights import load_mae
-    from train.figure import reconstruct, save_figure
     from train.loader import ClipLoader
 
     loader = ClipLoader(data, 1, tokens=tokenizer_id, decoder="pyav", shuffle_buffer=0, epochs=1)

@@ -6,7 +6,7 @@ clips that decoded to exactly num_frames x size x size, in batch order, as float
 with uint8=True. bad_indices lists the positions in the input batch of clips that failed.
 
 DaliClipDecoder is the loader's decoder: NVDEC on a GPU ('mixed'), libavcodec on CPU (VP8, VP9, MJPEG
-only). PyAVClipDecoder (ingest.decode, the reference path) serves machines without DALI; it reuses its
+only). PyAVClipDecoder (ingest.clip_decode, the reference path) serves machines without DALI; it reuses its
 batch tensors (BatchBuffers) once nothing refers to them any more.
 """
 
@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-from ingest.decode import CorruptClip, decode_clip, decode_frames
+from ingest.clip_decode import CorruptClip, decode_clip, decode_frames
 
 Normalize = tuple[Sequence[float], Sequence[float]] | None
 
@@ -216,7 +216,7 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # float dtypes as same
 
 
 class PyAVClipDecoder:
-    """The same API on ingest.decode (PyAV, CPU; frames as decode_clip makes them), for machines without
+    """The same API on ingest.clip_decode (PyAV, CPU; frames as decode_clip makes them), for machines without
     DALI (macOS).
 
     Frames go straight into their slots of the batch tensor, without decode_clip's stacked copy. Float

@@ -1,15 +1,20 @@
-"""A picture of LVMAE at work on one clip (the demo's PNG; needs matplotlib, in the dev extra).
+"""The pictures evaluations draw (PNG; matplotlib, in the dev extra).
 
-Rows, for a few frames of the clip: the frames; the tokenizer's priority per token; what the encoder sees
-(hidden tokens greyed out); what the decoder reconstructs (the adaptive selection, in red); the tokenizer's
-decoding of the clip's true codes; and the same decoding with the model's predicted codes put in at the
-decoder-selected tokens, i.e. the clip as LVMAE reconstructs it.
+- save_figure(reconstruct(...)): LVMAE at work on one clip (the demo's PNG). Rows, for a few frames of the
+  clip: the frames; the tokenizer's priority per token; what the encoder sees (hidden tokens greyed out);
+  what the decoder reconstructs (the adaptive selection, in red); the tokenizer's decoding of the clip's
+  true codes; and the same decoding with the model's predicted codes put in at the decoder-selected
+  tokens, i.e. the clip as LVMAE reconstructs it.
+- frame_grid: rows of per-frame images over a few frames (also the tokenizer evaluation's PNG).
+- save_confusion, save_examples: a classifier's or probe's confusion matrix, and test clips with their true
+  and predicted labels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,3 +118,78 @@ def tint(frame: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     red = torch.tensor([1.0, 0.1, 0.1])
     sel = flags[..., None]
     return sel * (0.5 * frame + 0.5 * red) + (1 - sel) * 0.4 * frame
+
+
+def save_confusion(s: dict[str, Any], classes: list[str], path: Path, results: dict[str, Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = torch.tensor(s["confusion"]).float()
+    share = m / m.sum(1, keepdim=True).clamp(min=1)
+    side = 1.2 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(
+                j, i, int(m[i, j]), ha="center", va="center", color="black" if share[i, j] < 0.6 else "white"
+            )
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    kind = "random-init" if results["random_init"] else "pretrained"
+    ax.set_title(f"{kind} encoder, test top-1 {100 * s['top1']:.0f}% ({s['num_clips']} clips)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def example_frames(clip: torch.Tensor, n: int = 8) -> list[int]:
+    """n frame numbers of a clip (3, T, H, W), in time order: the frames that differ most from the clip's
+    median frame (brief events), topped up with evenly spaced ones."""
+    t = clip.shape[1]
+    deviation = (clip - clip.median(dim=1, keepdim=True).values).abs().mean((0, 2, 3))  # (T,)
+    picks: list[int] = []
+    for f in deviation.argsort(descending=True).tolist():
+        if len(picks) == n // 2:
+            break
+        if all(abs(f - p) > 2 for p in picks):  # one frame per event
+            picks.append(f)
+    for f in (round(i * (t - 1) / (n - 1)) for i in range(n)):
+        if len(picks) < n and f not in picks:
+            picks.append(f)
+    return sorted(picks)
+
+
+def save_examples(clips: list[torch.Tensor], names: list[tuple[str, str]], path: Path, results: dict) -> Path:
+    """A row per test clip (3, T, H, W): eight of its frames (the most unusual ones and evenly spaced
+    ones), with the true and predicted class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 8
+    fig, axes = plt.subplots(len(clips), cols, figsize=(1.4 * cols + 1.6, 1.55 * len(clips)), squeeze=False)
+    for r, (clip, (true, pred)) in enumerate(zip(clips, names)):
+        frames = clip.permute(1, 2, 3, 0).clamp(0, 1)  # (T, H, W, 3)
+        for c, f in enumerate(example_frames(clip, cols)):
+            ax = axes[r][c]
+            ax.imshow(frames[f].numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"frame {f}", fontsize=7)
+        mark = "right" if true == pred else "WRONG"
+        axes[r][0].set_ylabel(f"true: {true}\npredicted:\n{pred}\n({mark})", fontsize=7)
+    kind = "random-init" if results["random_init"] else "pretrained"
+    fig.suptitle(
+        f"test clips, {kind} encoder probe (top-1 {100 * results['test']['top1']:.0f}%)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -4,17 +4,15 @@
     plan.total, plan.parts                        # bytes at the step's peak, and by component
     largest_batch(cfg, usable_bytes(80 * GIB), 8)  # the largest data.batch_size that fits
     recommend(cfg, usable_bytes(80 * GIB), 8)      # the cheapest ZeRO stage / checkpointing that fits
+    report(cfg, 80 * GIB, 8)                       # all of it, JSON-able: what `lvmae plan` prints
 
 The prediction adds:
 - Model state, by precision, ZeRO stage and world size (`state_bytes`): bytes per parameter as DeepSpeed
   0.19 holds them with train.engine's config (measured at world size 1 by bench/plan_check.py), the parts
   ZeRO partitions divided by the world size.
-- Activations (`activation_bytes`): the bytes autograd saves for backward, counted exactly by running the
-  model's real forward and loss on the meta device (no memory, no compute) under a saved-tensor hook. The
-  meta device has no fused attention kernel, so attention is counted as the flash kernels (CUDA's and the
-  CPU's alike) save it: q, k, v, the output and a float32 log-sum-exp per query and head, never the N x N
-  score matrix. With activation checkpointing, each block keeps its input, and one block's activations
-  exist again while it is recomputed in backward.
+- Activations (train.activations): the bytes autograd saves for backward, counted exactly by running the
+  model's real forward and loss on the meta device under a saved-tensor hook, attention counted as the
+  flash kernels save it; with activation checkpointing, block inputs plus one recomputed block.
 - The backward's working memory: the gradients of the largest MLP hidden layer (two N x hidden tensors)
   and the residual stream's gradient; an estimate, checked on a GPU by bench/gpu_check.sh.
 - The batches in flight: the clips on the device in the training dtype; where DALI decodes on the GPU,
@@ -28,21 +26,15 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from unittest import mock
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from lvmae.config import MAEConfig, num_visible
-from lvmae.losses import mae_loss
 from lvmae.mae import MaskedVideoAutoencoder
-from lvmae.masking import MaskPlan, decoder_count
+from lvmae.masking import decoder_count, num_visible
+from train.activations import activation_bytes, meta_table
 from train.config import TrainConfig
-from train.loader import READ_AHEAD_BATCHES
+from train.stream import READ_AHEAD_BATCHES
 
 GIB = 2**30
 RESERVE_BYTES = GIB  # CUDA context, cuBLAS and NCCL workspaces
@@ -96,152 +88,6 @@ def state_bytes(n_params: int, precision: str, zero_stage: int, world_size: int)
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer}
 
 
-# ----------------------------------------------------------------------------------------- activations
-
-
-class _FlashAttention(torch.autograd.Function):
-    """What F.scaled_dot_product_attention's flash kernels save, on the meta device: q, k, v, the output
-    (laid out (B, N, heads, head_dim), as both kernels return it) and a float32 log-sum-exp."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        b, h, n, hs = q.shape
-        out = q.new_empty((b, n, h, hs)).transpose(1, 2)
-        lse = q.new_empty((b, h, n), dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-class _FlashAccounting(TorchFunctionMode):
-    """Within it (this thread only), F.scaled_dot_product_attention is _FlashAttention."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            return _FlashAttention.apply(*args[:3])
-        return func(*args, **(kwargs or {}))
-
-
-@dataclass
-class ActivationCount:
-    """Saved-for-backward bytes of one step's forward and loss, by where they were saved."""
-
-    encoder_blocks: list[int] = field(default_factory=list)  # each block's own saved bytes
-    decoder_blocks: list[int] = field(default_factory=list)
-    block_inputs: int = 0  # what checkpointed blocks keep: each block's input
-    other: int = 0  # embeddings, gathers, final norms, head, loss
-    largest_hidden: int = 0  # bytes of the largest MLP hidden activation (N x hidden), one sample batch
-
-    def saved(self, checkpointing: bool) -> int:
-        """Bytes saved for backward at the end of the forward (checkpointing: block inputs only)."""
-        blocks = self.encoder_blocks + self.decoder_blocks
-        if checkpointing:
-            return self.other + self.block_inputs
-        return self.other + sum(blocks)
-
-    def recompute(self, checkpointing: bool) -> int:
-        """With checkpointing, the largest block's activations, alive again while it is recomputed."""
-        return max(self.encoder_blocks + self.decoder_blocks, default=0) if checkpointing else 0
-
-
-def _meta_table(kind: str, dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
-    """A position table's shape without its values (a real one is N x D of float64 work on the CPU)."""
-    return torch.empty((grid[0] * grid[1] * grid[2], dim), device="meta")
-
-
-def _meta_plan(plan: MaskPlan) -> MaskPlan:
-    return MaskPlan(*(t.to("meta") for t in (plan.mask, plan.selected, plan.ids_visible, plan.ids_selected)))
-
-
-@contextmanager
-def _block_labels(model: torch.nn.Module, labels: list[str | None]) -> Iterator[None]:
-    """While a transformer block runs, labels[-1] names it ('encoder.3', 'decoder.0')."""
-    handles = []
-    for part in ("encoder", "decoder"):
-        blocks = model.encoder.transformer.blocks if part == "encoder" else model.decoder.blocks
-        for i, block in enumerate(blocks):
-            name = f"{part}.{i}"
-
-            def pre(_m, args, name=name):
-                labels.append(name)
-
-            def post(_m, _args, _out):
-                labels.pop()
-
-            handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def activation_bytes(model_cfg: MAEConfig, batch: int, dtype: torch.dtype = torch.float32) -> ActivationCount:
-    """Count, exactly, the bytes one training step saves for backward: the model's forward and mae_loss on
-    the meta device in `dtype` (bf16: DeepSpeed's bf16 weights and inputs, no autocast), blocks without
-    checkpointing (ActivationCount.saved applies it). The masks are drawn on the CPU (their sizes are all
-    the count needs); adaptive masking gets uniform random priorities (the same shapes)."""
-    cfg = copy.deepcopy(model_cfg).resolved()
-    cfg.encoder.grad_checkpointing = cfg.decoder.grad_checkpointing = False
-    v = cfg.video
-    gen = torch.Generator().manual_seed(0)
-    with torch.device("meta"), mock.patch("lvmae.mae.position_table", _meta_table):
-        model = MaskedVideoAutoencoder(cfg).to(dtype=dtype).train()
-    priority = torch.rand((batch, *v.grid), generator=gen) if cfg.masking.decoder == "adaptive" else None
-    plan = _meta_plan(model.plan(batch, gen, priority, "cpu"))
-    video = torch.empty((batch, v.in_chans, v.num_frames, v.img_size, v.img_size), device="meta", dtype=dtype)
-    codes = (
-        torch.empty((batch, *v.grid), device="meta", dtype=torch.int64)
-        if cfg.target.kind == "tokens"
-        else None
-    )
-
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    seen: set[int] = set()
-    by_label: dict[str | None, int] = {}
-    labels: list[str | None] = [None]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key not in seen and key not in params and t.device.type == "meta":
-            seen.add(key)
-            by_label[labels[-1]] = by_label.get(labels[-1], 0) + storage.nbytes()
-        return t
-
-    inputs: list[int] = []
-
-    def record_input(_m, args):
-        inputs.append(args[0].untyped_storage().nbytes())
-
-    hooks = [
-        b.register_forward_pre_hook(record_input)
-        for b in (*model.encoder.transformer.blocks, *model.decoder.blocks)
-    ]
-    try:
-        with (
-            _block_labels(model, labels),
-            _FlashAccounting(),
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        ):
-            mae_loss(cfg, model(video, plan=plan), video=video, codes=codes)
-    finally:
-        for h in hooks:
-            h.remove()
-    enc = [by_label.get(f"encoder.{i}", 0) for i in range(len(model.encoder.transformer.blocks))]
-    dec = [by_label.get(f"decoder.{i}", 0) for i in range(len(model.decoder.blocks))]
-    elem = torch.empty((), dtype=dtype).element_size()
-    hidden = max(
-        plan.num_visible * int(cfg.encoder.embed_dim * cfg.encoder.mlp_ratio),
-        (plan.num_visible + plan.num_selected) * int(cfg.decoder.embed_dim * cfg.decoder.mlp_ratio),
-    )
-    return ActivationCount(enc, dec, sum(inputs), by_label.get(None, 0), batch * hidden * elem)
-
-
 # ------------------------------------------------------------------------------------------------ plan
 
 
@@ -286,8 +132,8 @@ def plan_step(cfg: TrainConfig, world_size: int = 1, gpu_decode: bool | None = N
     precision = plan_precision(cfg)
     dtype = _dtype(precision)
     b, ckpt, stage = cfg.data.batch_size, bool(cfg.run.activation_checkpointing), cfg.run.zero_stage
-    with torch.device("meta"), mock.patch("lvmae.mae.position_table", _meta_table):
-        n_params = sum(p.numel() for p in MaskedVideoAutoencoder(model_cfg).parameters())
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in MaskedVideoAutoencoder(model_cfg, meta_table).parameters())
     acts = activation_bytes(model_cfg, b, dtype)
     v = model_cfg.video
     elem = torch.empty((), dtype=dtype).element_size()
@@ -376,9 +222,7 @@ def recommend(cfg: TrainConfig, budget: int, world_size: int = 1) -> tuple[int, 
 
 __all__ = [
     "GIB",
-    "ActivationCount",
     "StepPlan",
-    "activation_bytes",
     "largest_batch",
     "longest_clip",
     "parse_bytes",
@@ -428,47 +272,3 @@ def report(cfg: TrainConfig, gpu_bytes: int, world_size: int = 1, search_limit: 
         if choice is None
         else {"zero_stage": choice[0], "activation_checkpointing": choice[1]},
     }
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:,.2f}"
-
-
-def format_report(r: dict) -> str:
-    """The report as `lvmae plan` prints it: a table by component, then the verdicts."""
-    c = r["recipe"]
-    ckpt = "on" if c["activation_checkpointing"] else "off"
-    lines = [
-        f"ViT-{c['preset']} MAE ({c['params'] / 1e6:.1f} M parameters), {c['frames']} frames of {c['img_size']} px: "
-        f"{c['tokens']} tokens, the encoder sees {c['visible']}, the decoder rebuilds {c['decoded']} ({c['decoder']}, "
-        f"{c['target']} targets)",
-        f"batch {c['batch_size']} per GPU, {c['precision']}, ZeRO-{c['zero_stage']}, activation checkpointing {ckpt}, "
-        f"{r['world_size']} GPU{'s' if r['world_size'] > 1 else ''} of {_gib(r['gpu_bytes'])} GiB",
-        "",
-        f"{'per GPU, at the step peak':<36} {'GiB':>9}",
-    ]
-    lines += [f"  {name:<34} {_gib(n):>9}" for name, n in r["parts"].items()]
-    lines += [
-        f"  {'total':<34} {_gib(r['total_bytes']):>9}",
-        f"  {'usable (less 10% and 1 GiB)':<34} {_gib(r['usable_bytes']):>9}",
-        "",
-    ]
-    share = r["total_bytes"] / max(r["usable_bytes"], 1)
-    lines.append(f"fits: {'yes' if r['fits'] else 'NO'} ({100 * share:.0f}% of the usable memory)")
-    lines.append(f"largest batch per GPU that fits: {r['largest_batch']}")
-    longest = r["longest_clip_frames"]
-    at_limit = " (the search's limit)" if longest >= r["search_limit_frames"] else ""
-    lines.append(f"longest clip at batch 1: {longest} frames{at_limit}")
-    rec = r["recommended"]
-    if rec is None:
-        lines.append(
-            "recommended: none fits: lower data.batch_size, the clip length or the model, or add GPUs"
-        )
-    else:
-        how = "with" if rec["activation_checkpointing"] else "without"
-        lines.append(
-            f"recommended: run.zero_stage={rec['zero_stage']} run.activation_checkpointing="
-            f"{str(rec['activation_checkpointing']).lower()} (the cheapest that fits batch {c['batch_size']}: "
-            f"ZeRO-{rec['zero_stage']} {how} recomputation)"
-        )
-    return "\n".join(lines)

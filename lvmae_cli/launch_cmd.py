@@ -1,0 +1,141 @@
+"""`lvmae launch`: start a training run's ranks (`lvmae train ...` in each) with DeepSpeed's launcher or
+torchrun, on this machine or on the hosts of a hostfile.
+
+    lvmae launch --nproc 2 -- train mae configs/demo_cpu.yaml data.tokens=fsq-...  # 2 ranks, deepspeed
+    lvmae launch --hostfile ops/hostfile.example -- train mae configs/vitb_128f.yaml data.url=s3://...
+    lvmae launch --launcher torchrun --nproc 2 -- finetune configs/finetune_demo_cpu.yaml ...
+
+The rank command is parsed and its config checked here, once, rather than failing in every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from lvmae.errors import UserError
+from lvmae_cli.train_cmd import add_train_parser, load_task
+
+
+def launcher_command(
+    launcher: str,
+    nproc: int | None,
+    rest: list[str],
+    *,
+    hostfile: str | None = None,
+    num_nodes: int | None = None,
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int = 29500,
+) -> list[str]:
+    """The command that starts `lvmae REST...` on nproc processes per node (a pure function). With a
+    hostfile and nproc None, each node runs as many processes as its `slots`."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc or 1}"]
+        cmd += [f"--nnodes={num_nodes or 1}", f"--master_port={master_port}"]
+        if (num_nodes or 1) > 1:
+            cmd += [f"--node_rank={node_rank or 0}"]
+        cmd += [f"--master_addr={master_addr or '127.0.0.1'}"]
+        return [*cmd, "-m", "lvmae_cli", *rest]
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    deepspeed = shutil.which("deepspeed", path=search)
+    if deepspeed is None:
+        raise UserError(
+            "the deepspeed launcher is not installed (pip install deepspeed), or use --launcher torchrun"
+        )
+    cmd = [deepspeed]
+    if nproc is not None or not hostfile:
+        cmd += [f"--num_gpus={nproc or 1}"]
+    cmd += [f"--master_port={master_port}"]
+    if hostfile:
+        cmd += [f"--hostfile={hostfile}"]
+        if num_nodes:
+            cmd += [f"--num_nodes={num_nodes}"]
+        if master_addr:
+            cmd += [f"--master_addr={master_addr}"]
+    else:
+        # DeepSpeed reads /job/hostfile by default and goes multi-node if it exists; /dev/null is not a
+        # regular file, which it takes as "this machine only".
+        cmd += ["--hostfile=/dev/null", f"--master_addr={master_addr or '127.0.0.1'}"]
+    return [*cmd, "--no_local_rank", "--module", "lvmae_cli", *rest]
+
+
+def rank_parser() -> argparse.ArgumentParser:
+    """The parser of what each rank runs (`lvmae train ...`), to check it once here."""
+    parser = argparse.ArgumentParser(prog="lvmae")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else list(args.rest)
+    if rest[:1] == ["finetune"]:
+        rest = ["train", *rest]
+    if rest[:1] != ["train"]:
+        raise UserError(
+            "usage: lvmae launch [options] -- train mae|tokenizer|finetune RECIPE... [key=value...]"
+        )
+    # Parse and check the rank command here, once, rather than fail in every rank.
+    parsed = rank_parser().parse_args(rest)
+    load_task(parsed.kind, parsed.config)
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.hostfile and not Path(args.hostfile).is_file():
+        raise UserError(f"no hostfile {args.hostfile}")
+    cmd = launcher_command(
+        args.launcher,
+        args.nproc,
+        rest,
+        hostfile=args.hostfile,
+        num_nodes=args.num_nodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+    env = {**os.environ, "LVMAE_LAUNCHED": "1"}  # ranks stop when their launcher dies
+    if "OMP_NUM_THREADS" not in env and not args.hostfile:
+        # The deepspeed launcher does not set it: ranks sharing the cores would oversubscribe them.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.nproc or 1)))
+    print("lvmae launch: " + " ".join(cmd), flush=True)
+    # The launcher and its ranks stay in this process group: Ctrl-C in a terminal, or a kill of the group,
+    # reaches every rank. A SIGTERM sent to this process alone is passed on to the launcher.
+    proc = subprocess.Popen(cmd, env=env)
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the ranks got the SIGINT too: give them time to stop
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="start a training run's ranks with the deepspeed launcher (or torchrun)",
+        description="Start `lvmae train ...` on several processes: --nproc per node (GPUs, or CPU "
+        "processes), on this machine or on the hosts of a DeepSpeed hostfile (see ops/hostfile.example).",
+    )
+    p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="processes per node (default 1; with --hostfile, the `slots` of each host)",
+    )
+    p.add_argument(
+        "--hostfile", help="DeepSpeed hostfile (MPI style: `host slots=N` per line) for multi-node"
+    )
+    p.add_argument("--num-nodes", type=int, help="use the first N hosts of the hostfile (torchrun: N nodes)")
+    p.add_argument("--node-rank", type=int, help="torchrun on several nodes: this node's rank")
+    p.add_argument("--master-addr", help="address of the first node (default 127.0.0.1 on one machine)")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- train mae|tokenizer RECIPE... [key=value...]")
+    p.set_defaults(func=cmd_launch)

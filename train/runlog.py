@@ -1,0 +1,55 @@
+"""RUN/train_log.jsonl: one JSON line per optimizer step, written by rank 0.
+
+log = TrainLog(run / LOG_FILE, enabled=rank == 0)
+log.truncate(step)      # on resume: lines past the checkpoint's step are dropped
+log.write({"step": 1, "loss": ...})
+read_log(run / LOG_FILE)  # the records (a line cut short by a kill is skipped)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lvmae.weights import write_text_atomically
+
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainLog:
+    """RUN/train_log.jsonl: one JSON line per step (rank 0). On resume, lines past the checkpoint's step
+    are dropped, so the log holds each step once, as an uninterrupted run would have written it."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self._file: Any = None
+
+    def truncate(self, step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [line for line in read_log(self.path) if line["step"] <= step]
+        write_text_atomically(self.path, "".join(json.dumps(line) + "\n" for line in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (open for the whole run)
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a train_log.jsonl (a line cut short by a kill is skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -83,6 +83,20 @@ def test_probe_source_rebuilds_a_checkpoints_weights(uninterrupted: Path):
 
 
 @pytest.mark.slow
+def test_export_hf_takes_a_checkpoint(uninterrupted: Path, tmp_path: Path):
+    """`lvmae export hf` reads weights through the same loader as the probe: a checkpoint folder gives
+    the transformers weights its export gives."""
+    from safetensors.torch import load_file
+
+    from lvmae_cli.weights_cmd import export_hf
+
+    export_hf(str(uninterrupted / "checkpoints" / "step-00000012"), str(tmp_path / "from-ckpt"))
+    export_hf(str(uninterrupted / "export"), str(tmp_path / "from-export"))
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("from-ckpt", "from-export"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_kill_9_then_resume_reproduces_the_loss_curve(data, uninterrupted: Path, tmp_path: Path):
     out = tmp_path / "killed"
     proc = launch(mae_args(data, out), launcher="torchrun")

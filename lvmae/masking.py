@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -118,27 +118,35 @@ def running_cell_pattern(grid: tuple[int, int, int], cell: int, keep: int, phase
 # --- decoder masking: each strategy scores the masked tokens; the decoder rebuilds the top k ---------------
 
 
-def random_scores(mask: torch.Tensor, k: int, ctx: dict[str, Any]) -> torch.Tensor:
+class ScoreContext(NamedTuple):
+    """What a decoder strategy's score function may use besides the mask and k."""
+
+    grid: tuple[int, int, int]  # (T', H', W')
+    generator: torch.Generator | None  # the step's generator: draw all randomness from it
+    priority: torch.Tensor | None  # (B, N) the tokenizer's priority, where the batch has one
+    cell: int  # model.masking.running_cell_size
+    n_masked: int  # encoder-masked tokens per sample
+
+
+def random_scores(mask: torch.Tensor, k: int, ctx: ScoreContext) -> torch.Tensor:
     """A uniform random subset of the masked tokens."""
-    return _rand(tuple(mask.shape), ctx["generator"], mask.device)
+    return _rand(tuple(mask.shape), ctx.generator, mask.device)
 
 
-def running_cell_scores(mask: torch.Tensor, k: int, ctx: dict[str, Any]) -> torch.Tensor:
+def running_cell_scores(mask: torch.Tensor, k: int, ctx: ScoreContext) -> torch.Tensor:
     """VideoMAE V2: masked tokens on a running-cell pattern (random phase per sample) first, filled at
     random from the other masked tokens if the pattern holds too few; a random subset if too many."""
     b, n = mask.shape
-    cell, gen = ctx["cell"], ctx["generator"]
-    keep = min(cell * cell, math.ceil(cell * cell * k / ctx["n_masked"]))
+    cell, gen = ctx.cell, ctx.generator
+    keep = min(cell * cell, math.ceil(cell * cell * k / ctx.n_masked))
     phases = torch.randint(cell * cell, (b,), generator=gen).tolist()
-    pattern = torch.stack([running_cell_pattern(ctx["grid"], cell, keep, ph) for ph in phases]).to(
-        mask.device
-    )
+    pattern = torch.stack([running_cell_pattern(ctx.grid, cell, keep, ph) for ph in phases]).to(mask.device)
     return pattern.float() * 2.0 + _rand((b, n), gen, mask.device)
 
 
-def priority_scores(mask: torch.Tensor, k: int, ctx: dict[str, Any]) -> torch.Tensor:
+def priority_scores(mask: torch.Tensor, k: int, ctx: ScoreContext) -> torch.Tensor:
     """LVMAE: the masked tokens of highest priority (the tokenizer's per-token score)."""
-    priority = ctx["priority"]
+    priority = ctx.priority
     if priority is None:
         raise ValueError("decoder masking 'adaptive' needs per-token priority scores (from the tokenizer)")
     if priority.shape != mask.shape:
@@ -149,10 +157,10 @@ def priority_scores(mask: torch.Tensor, k: int, ctx: dict[str, Any]) -> torch.Te
 @dataclass(frozen=True)
 class DecoderMasking:
     """One decoder masking strategy. score(mask, k, ctx) -> (B, N) float: the top k masked tokens by
-    score are rebuilt (ctx: grid, generator, priority, cell, n_masked); None: every masked token, no
-    budget. needs_priority: it ranks by the tokenizer's priority, so a run needs a token set."""
+    score are rebuilt (ctx: a ScoreContext); None: every masked token, no budget. needs_priority: it ranks
+    by the tokenizer's priority, so a run needs a token set."""
 
-    score: Callable[[torch.Tensor, int, dict[str, Any]], torch.Tensor] | None
+    score: Callable[[torch.Tensor, int, ScoreContext], torch.Tensor] | None
     needs_priority: bool = False
 
 
@@ -199,7 +207,7 @@ def select_decoder_tokens(
     k = decoder_count(mask.shape[1], n_masked, strategy, budget)
     if kind.score is None:
         return mask.clone()
-    ctx = {"grid": grid, "generator": generator, "priority": priority, "cell": cell, "n_masked": n_masked}
+    ctx = ScoreContext(grid, generator, priority, cell, n_masked)
     score = kind.score(mask, k, ctx).masked_fill(~mask, float("-inf"))
     top = score.topk(k, dim=1).indices
     selected = torch.zeros_like(mask)

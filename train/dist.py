@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 
-from train.engine import init_distributed
-
 
 @dataclass(frozen=True)
 class Dist:
@@ -52,6 +50,8 @@ def free_port(pair: bool = False) -> int:
 def join_process_group() -> Dist:
     """Read RANK, WORLD_SIZE, LOCAL_RANK... (torchrun and the deepspeed launcher set them; a process started
     alone is rank 0 of 1) and join the process group."""
+    from train.engine import init_distributed  # here: free_port's users (the demo) need no DeepSpeed
+
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -312,11 +313,16 @@ class Trainer:
                 f"peak {peak_memory_bytes()[1] / 2**30:.2f} GiB"
             )
 
-    def save_checkpoint(self) -> None:
+    def _save(self) -> Path:
         """Collective: a checkpoint of this step (engine, RNG states, the loader's position, the log)."""
         rank_state = {"loader": self.loader_state, "step": self.step}
         path = self.ckpts.save(self.engine, self.step, rank_state, self.config_yaml, run_files=(LOG_FILE,))
         self.saved = self.step
+        return path
+
+    def save_checkpoint(self) -> None:
+        """Collective: _save, counted in the metrics and said."""
+        path = self._save()
         uploaded = f" (uploaded in {self.ckpts.upload_seconds:.2f} s)" if self.run_dir.remote else ""
         self.metrics.checkpoint(upload_s=self.ckpts.upload_seconds)
         self.say(f"checkpoint {self.ckpts.where(path)}{uploaded}")
@@ -327,12 +333,8 @@ class Trainer:
         still waiting, end the reader threads, and raise StoreOutage."""
         saved_now = ""
         if self.saved < self.step:
-            rank_state = {"loader": self.loader_state, "step": self.step}
             try:
-                path = self.ckpts.save(
-                    self.engine, self.step, rank_state, self.config_yaml, run_files=(LOG_FILE,)
-                )
-                self.saved, saved_now = self.step, f"checkpoint {self.ckpts.where(path)} saved"
+                saved_now = f"checkpoint {self.ckpts.where(self._save())} saved"
             except Exception as err:
                 saved_now = f"no checkpoint could be saved ({type(err).__name__}: {err})"
         self.loader.retry.cancel()  # reads still waiting for the store give up now, and end their threads

@@ -30,10 +30,12 @@ venv: $(STAMP)
 
 # Debian's Prometheus server and promtool, for the monitoring tests (installed when we are root).
 tools:
-	@command -v prometheus >/dev/null || { \
+	@missing=""; command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "note: prometheus is not installed (apt-get install prometheus); its tests will be skipped"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "note:$$missing not installed (apt-get install$$missing); the tests that need them will be skipped"; fi; fi
 
 # pytest exits 5 when it collected no tests: that must fail, never pass by accident.
 test: venv tools

@@ -1,7 +1,10 @@
 """The one definition of how clip bytes become model input (ingest tokens and the loader share it).
 
-decode_clip: encoded clip -> (T, H, W, 3) uint8 RGB, decoded with PyAV, its colour conversion kept
-single-threaded (much faster per frame, STACK.md); decode_frames: the same frames as a list, not stacked
+decode_clip: encoded clip -> (T, H, W, 3) uint8 RGB, decoded with PyAV and converted to RGB exactly as
+DALI's video decoder converts (rgb24), so the three readers of clips (DALI loader, PyAV loader, ingest
+tokens) see the same pixels: BT.601 matrix whatever the tags say, the tagged range, chroma upsampled
+bilinearly (swscale's bilinear + full_chroma_int + accurate_rnd; bit-identical to DALI 2.4 on CPU), the
+conversion kept single-threaded (much faster per frame, STACK.md); decode_frames: the same frames as a list, not stacked
 (train.decoders converts them straight into its batch). to_model_input: uint8 clips -> float
 (B, 3, T, H, W) in [0, 1]. Ship uint8 across processes and convert late: a 128-frame float clip is 77 MB.
 """
@@ -14,6 +17,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+# swscale flags: SWS_BILINEAR | SWS_FULL_CHR_H_INT | SWS_ACCURATE_RND (libswscale/swscale.h)
+DALI_CONVERSION = 0x2 | 0x2000 | 0x40000
+FULL_RANGE = 2  # AVColorRange: 2 = full (JPEG), else limited
 
 
 class CorruptClip(ValueError):
@@ -29,7 +36,15 @@ def iter_frames(data: bytes) -> Iterator[np.ndarray]:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24", threads=1)
+                full = int(frame.color_range or 0) == FULL_RANGE
+                yield frame.to_ndarray(
+                    format="rgb24",
+                    threads=1,
+                    interpolation=DALI_CONVERSION,
+                    src_colorspace="ITU601",
+                    src_color_range="JPEG" if full else "MPEG",
+                    dst_color_range="JPEG",
+                )
     except (av.error.FFmpegError, IndexError) as err:
         raise CorruptClip(f"cannot decode clip: {err}") from None
 

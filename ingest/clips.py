@@ -21,24 +21,23 @@ import json
 import multiprocessing
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ingest import labels
 from ingest.clip_plan import (
     VideoInfo,
-    clip_span,
+    clips_of,
+    coverage,
     estimate_clip_bytes,
     group_into_shards,
     plan_clips,
     plan_digest,
-    sampled_frames,
-    sampling_step,
     shards_of_node,
 )
 from ingest.config import ClipSpec, IngestConfig
 from ingest.shards import ShardTask, probe_source, run_shard_in_worker, shard_name, write_shard
-from ingest.sources import Source, expand_sources
+from ingest.sources import Source, scan_sources
 from ingest.storage import Store
 from ingest.video import clip_extension
 
@@ -64,7 +63,11 @@ def _run_on_ray(
 @dataclass
 class IngestSummary:
     out: str
-    sources: int = 0
+    sources: int = 0  # source files
+    segments: int = 0  # manifest rows that name a window of a file (start/end)
+    passed_over: dict[str, int] = field(default_factory=dict)  # files a scan passed over, by reason
+    variable_rate: int = 0  # sources whose frame rate varies: sampled by presentation time
+    rotated: int = 0  # sources with a display rotation: turned upright
     bad_sources: int = 0  # failed to probe (empty, not a video, unreadable, ...)
     too_short: int = 0  # probed, but too short for one clip: they yield none (errors.jsonl: too-short)
     clips_planned: int = 0
@@ -85,56 +88,71 @@ class IngestSummary:
         return d
 
 
-def _plan(cfg: IngestConfig, sources: list[Source], progress: bool) -> tuple[list[VideoInfo], list[dict]]:
+def probe_sources(
+    cfg: IngestConfig, sources: list[Source], progress: bool
+) -> tuple[list[VideoInfo], list[dict]]:
+    """Probe every file once (many manifest rows may name one file) -> a VideoInfo per source row (with
+    the row's label, metadata and segment), in corpus order, and an error record per unusable file."""
     from tqdm import tqdm
 
+    rows: dict[str, list[Source]] = {}
+    for s in sources:
+        rows.setdefault(s.uri, []).append(s)
     videos, errors = [], []
     with cf.ThreadPoolExecutor(max(4, cfg.workers)) as pool:
-        results = pool.map(lambda s: probe_source(s, cfg.storage_options), sources)
-        for src, res in tqdm(
-            zip(sources, results), total=len(sources), desc="probe", unit="file", disable=not progress
+        results = pool.map(lambda uri: probe_source(Source(uri), cfg.storage_options), rows)
+        for uri, res in tqdm(
+            zip(rows, results), total=len(rows), desc="probe", unit="file", disable=not progress
         ):
             if isinstance(res, VideoInfo):
-                videos.append(res)
+                videos += [
+                    replace(res, label=s.label, meta=dict(s.meta), segment=s.segment) for s in rows[uri]
+                ]
             else:
                 errors.append(res)
                 if cfg.strict:
-                    raise IngestError(f"{src.uri}: {res['reason']}: {res['detail']} (--strict)")
+                    raise IngestError(f"{uri}: {res['reason']}: {res['detail']} (--strict)")
     return videos, errors
 
 
 def too_short(videos: list[VideoInfo], spec: ClipSpec) -> list[dict[str, Any]]:
-    """An errors.jsonl record (reason too-short) for each video too short for one clip, which yields none.
+    """An errors.jsonl record (reason too-short) for each video (or segment) too short for one clip,
+    which yields none.
 
-    Its counts: source_frames, the probed frame count (the container's, or duration x fps);
+    Its counts (ingest.clip_plan.coverage): source_frames, the frames probed (in the segment, if any);
     source_frames_needed, the source frames one clip spans at the spec's frame step; sampled_frames, the
     frames the source gives at that step, fewer than clip_frames, the frames of a clip.
     """
     records = []
     for v in videos:
-        step = sampling_step(v.fps, spec.fps, spec.frame_stride)
-        needed = clip_span(spec.num_frames, step)
-        if v.frames >= needed:
+        if clips_of(v, spec.num_frames, spec.fps, spec.frame_stride, spec.stride):
             continue
-        got = sampled_frames(v.frames, spec.num_frames, step)
-        sampled = "" if step == 1 else f"; {got} when sampled every {step:.4g}"
-        records.append(
-            {
-                "source": v.uri,
-                "reason": "too-short",
-                "detail": f"{v.frames} source frames (as probed{sampled}): a {spec.num_frames}-frame clip "
-                f"needs {needed}",
-                "source_frames": v.frames,
-                "source_frames_needed": needed,
-                "sampled_frames": got,
-                "clip_frames": spec.num_frames,
-            }
-        )
+        c = coverage(v, spec.num_frames, spec.fps, spec.frame_stride)
+        sampled = "" if c["step"] == 1 else f"; {c['sampled_frames']} when sampled every {c['step']:.4g}"
+        where = "" if v.segment is None else f" in {v.segment.tag()[1:]}"
+        record = {
+            "source": v.uri,
+            "reason": "too-short",
+            "detail": f"{c['source_frames']} source frames{where} (as probed{sampled}): a "
+            f"{spec.num_frames}-frame clip needs {c['source_frames_needed']}",
+            "source_frames": c["source_frames"],
+            "source_frames_needed": c["source_frames_needed"],
+            "sampled_frames": c["sampled_frames"],
+            "clip_frames": spec.num_frames,
+        }
+        if v.segment is not None:
+            record["segment"] = [v.segment.start, v.segment.end, v.segment.unit]
+        records.append(record)
     return records
 
 
 def finalize(
-    store: Store, cfg: IngestConfig, plan: str, num_shards: int, source_errors: list[dict]
+    store: Store,
+    cfg: IngestConfig,
+    plan: str,
+    num_shards: int,
+    source_errors: list[dict],
+    passed_over: dict[str, int] | None = None,
 ) -> dict | None:
     """Write errors.jsonl then index.json if every shard of the plan is recorded; -> the index or None.
 
@@ -155,6 +173,7 @@ def finalize(
         "plan": plan,
         "num_samples": sum(r["samples"] for r in records),
         "num_errors": len(errors),
+        "passed_over": passed_over or {},
         "labels": labels.index_entry(counts, cfg.split_seed, cfg.val_share, cfg.test_share),
         "shards": [
             {
@@ -193,19 +212,30 @@ def ingest_clips(
     notify = on_progress or (lambda metric, amount: None)
     store = Store(out, cfg.storage_options or None)
     summary = IngestSummary(out=out)
-    sources = labels.assign_splits(
-        expand_sources(srcs, cfg.storage_options or None), cfg.split_seed, cfg.val_share, cfg.test_share
-    )
-    summary.sources = len(sources)
-    videos, probe_errors = _plan(cfg, sources, progress)
+    scan = scan_sources(srcs, cfg.storage_options or None)
+    sources = labels.assign_splits(scan.sources, cfg.split_seed, cfg.val_share, cfg.test_share)
+    summary.sources = len({s.uri for s in sources})
+    summary.segments = sum(s.segment is not None for s in sources)
+    summary.passed_over = scan.passed_over_counts()
+    videos, probe_errors = probe_sources(cfg, sources, progress)
+    summary.variable_rate = len({v.uri for v in videos if v.variable_rate})
+    summary.rotated = len({v.uri for v in videos if v.look.rotation})
     summary.bad_sources = len(probe_errors)
     notify("files_ok", len(videos))
     notify("files_bad", len(probe_errors))
     spec = cfg.clip
     clips = plan_clips(videos, spec.num_frames, spec.fps, spec.frame_stride, spec.stride)
     short = too_short(videos, spec)
+    damaged = {  # truncated files whose whole clips are kept: reported once per file
+        v.uri: {"source": v.uri, "reason": "truncated", "detail": f"{v.damage}; its whole clips are kept"}
+        for v in videos
+        if v.damage
+    }
+
     summary.too_short = len(short)
-    source_errors = sorted(probe_errors + short, key=lambda e: e["source"])  # corpus order: by URI
+    source_errors = sorted(
+        probe_errors + short + list(damaged.values()), key=lambda e: e["source"]
+    )  # corpus order: by URI
     per_shard = cfg.shard_clips or max(1, cfg.shard_bytes // estimate_clip_bytes(spec.num_frames, spec.size))
     shards = group_into_shards(clips, per_shard)
     plan = plan_digest(shards, {"spec": asdict(spec), "per_shard": per_shard})
@@ -272,7 +302,7 @@ def ingest_clips(
     finally:
         bar.close()
 
-    index = finalize(store, cfg, plan, len(shards), source_errors)
+    index = finalize(store, cfg, plan, len(shards), source_errors, summary.passed_over)
     summary.errors = source_errors
     summary.index_written = index is not None
     summary.num_samples = index["num_samples"] if index else 0

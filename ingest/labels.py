@@ -62,14 +62,19 @@ def draw_splits(
 
 
 def assign_splits(sources: list[Any], seed: int, val_share: float, test_share: float) -> list[Any]:
-    """Sources (ingest.sources.Source) with meta["split"] set: the manifest's, or drawn (draw_splits)."""
-    given = {s.uri: normalize_split(s.meta["split"], s.uri) for s in sources if s.meta.get("split")}
-    drawn = draw_splits(
-        [(s.uri, s.label) for s in sources if s.uri not in given], seed, val_share, test_share
-    )
-    return [
-        dataclasses.replace(s, meta={**s.meta, "split": given.get(s.uri) or drawn[s.uri]}) for s in sources
-    ]
+    """Sources (ingest.sources.Source) with meta["split"] set: the manifest row's, or drawn per source
+    video (draw_splits, stratified by the label of the video's first row), so that every segment of one
+    file shares its split unless the manifest says otherwise."""
+    first_label: dict[str, str | None] = {}
+    for s in sources:
+        if not s.meta.get("split"):
+            first_label.setdefault(s.uri, s.label)
+    drawn = draw_splits(list(first_label.items()), seed, val_share, test_share)
+
+    def split(s: Any) -> str:
+        return normalize_split(s.meta["split"], s.uri) if s.meta.get("split") else drawn[s.uri]
+
+    return [dataclasses.replace(s, meta={**s.meta, "split": split(s)}) for s in sources]
 
 
 def count(samples: Iterable[tuple[str | None, str | None]]) -> dict[str, dict[str, int]]:

@@ -22,17 +22,18 @@ from typing import Any
 from ingest import labels
 from ingest.clip_plan import Clip, VideoInfo
 from ingest.config import ClipSpec
+from ingest.probe import BadVideo, probe
 from ingest.retry import StoreRetry
 from ingest.sources import Source
 from ingest.storage import Store
-from ingest.video import BadVideo, clip_extension, cut_clips, probe, sha256_hex
+from ingest.video import OUTPUT_COLOUR, clip_extension, cut_clips, sha256_hex
 
 
 def shard_name(k: int) -> str:
     return f"shards/shard-{k:06d}"
 
 
-def _open_source(uri: str, storage_options: dict[str, Any]):
+def open_source(uri: str, storage_options: dict[str, Any]):
     """A path for local files (fastest for libav), else an fsspec file object."""
     if "://" not in uri or uri.startswith("file://"):
         path = uri.removeprefix("file://")
@@ -48,15 +49,15 @@ def _open_source(uri: str, storage_options: dict[str, Any]):
     return f
 
 
-def _remote(uri: str) -> bool:
+def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def _fetch_source(uri: str, storage_options: dict[str, Any], tmp: str, retry: StoreRetry) -> str:
+def fetch_source(uri: str, storage_options: dict[str, Any], tmp: str, retry: StoreRetry) -> str:
     """A local path to decode `uri` from: itself if local, else a copy downloaded into `tmp` (a store
     outage is waited out; libav reading over the network could not tell an outage from a corrupt file)."""
-    if not _remote(uri):
-        return _open_source(uri, storage_options)
+    if not is_remote(uri):
+        return open_source(uri, storage_options)
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
@@ -74,7 +75,7 @@ def probe_source(
     through a store outage (up to the retry deadline, then StoreUnavailable), never recorded as bad for it."""
 
     def attempt() -> VideoInfo:
-        handle = _open_source(src.uri, storage_options)
+        handle = open_source(src.uri, storage_options)
         try:
             return probe(handle, src.uri, src.label, src.meta)
         finally:
@@ -82,7 +83,7 @@ def probe_source(
                 handle.close()
 
     try:
-        if _remote(src.uri):
+        if is_remote(src.uri):
             return (retry or StoreRetry()).call(attempt, f"probing {src.uri}")
         return attempt()
     except BadVideo as err:
@@ -98,11 +99,14 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def sample_metadata(clip: Clip, spec: ClipSpec, data: bytes) -> dict[str, Any]:
+    """KEY.json: where the clip comes from and what it shows. Frame i shows the source at
+    start_seconds + i / fps (times from the source's first frame), upright, in the declared colour."""
+    look = clip.look
     meta = {
         "key": clip.key,
         "source": clip.uri,
         "start_frame": clip.start,
-        "start_seconds": round(clip.start / clip.src_fps, 6),
+        "start_seconds": round(clip.start_seconds, 6),
         "frame_step": clip.step,
         "num_frames": clip.num_frames,
         "fps": clip.out_fps,
@@ -110,8 +114,21 @@ def sample_metadata(clip: Clip, spec: ClipSpec, data: bytes) -> dict[str, Any]:
         "source_size": [clip.src_width, clip.src_height],
         "size": [spec.size, spec.size],
         "codec": spec.codec,
+        "colour": OUTPUT_COLOUR,
+        "source_colour": {
+            "matrix": look.matrix,
+            "matrix_tagged": look.matrix_tagged,
+            "range": "full" if look.full_range else "limited",
+            "bit_depth": look.bit_depth,
+            **({"transfer": look.transfer} if look.transfer else {}),
+        },
+        "rotation": look.rotation,
         "sha256": sha256_hex(data),
     }
+    if clip.indices is not None:
+        meta["sampled_by"] = "time"  # a variable-rate source: frames taken by presentation time
+    if clip.segment is not None:
+        meta["segment"] = {"start": clip.segment.start, "end": clip.segment.end, "unit": clip.segment.unit}
     if clip.label is not None:
         meta["label"] = clip.label
     if clip.split is not None:
@@ -144,7 +161,7 @@ def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = No
             for uri, group in groupby(task.clips, key=lambda c: c.uri):
                 clips = list(group)
                 try:
-                    handle = _fetch_source(uri, task.storage_options, tmp, retry)
+                    handle = fetch_source(uri, task.storage_options, tmp, retry)
                 except (BadVideo, OSError) as err:
                     reason = err.reason if isinstance(err, BadVideo) else "unreadable"
                     errors += [
@@ -173,7 +190,7 @@ def write_shard(task: ShardTask, on_clip: Callable[[int, int], None] | None = No
                 finally:
                     if not isinstance(handle, str):
                         handle.close()
-                    elif _remote(uri):
+                    elif is_remote(uri):
                         os.unlink(handle)  # the downloaded copy
         digest = hashlib.sha256()
         with open(tar_path, "rb") as f:

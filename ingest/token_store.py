@@ -34,7 +34,9 @@ import numpy as np
 from ingest.storage import Store
 
 FORMAT_VERSION = 3
-KEY_BYTES = 32  # a sample KEY (ingest.clip_plan.sample_key) is 26 bytes: 16 hex digits, "_", 9 digits
+KEY_BYTES = (
+    32  # a sample KEY (ingest.clip_plan.sample_key) is 26 or 27 bytes: 16 hex digits, "_", ["t",] 9 digits
+)
 _LAYOUT_KEYS = ("format_version", "tokenizer_id", "source_plan", "rows_per_shard", "num_rows", "grid")
 
 

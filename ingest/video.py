@@ -1,8 +1,14 @@
-"""Probing source videos and cutting clips out of them (PyAV / libav).
+"""Cutting clips out of source videos (PyAV / libav); ingest.probe probes them.
 
-A clip is decoded frame-accurately (sequential decode, frames counted from the first), scaled so its
-short side is `size`, centre-cropped to size x size by a libavfilter graph, and encoded VP9 in WebM (every
-DALI backend decodes VP9, CPU included) or H.264 in MP4 (GPU-only sites).
+A clip is decoded frame-accurately (sequential decode, frames counted from the first), turned upright
+(the source's display matrix), scaled so its short side is `size`, centre-cropped to size x size, and
+converted to the one declared output colour (OUTPUT_COLOUR: BT.601 matrix, limited range, 8-bit 4:2:0,
+from the source's own matrix, range and bit depth) by a libavfilter graph, then encoded VP9 in WebM
+(every DALI backend decodes VP9, CPU included) or H.264 in MP4 (GPU-only sites), with its colour tags.
+
+Why BT.601: DALI's video decoder converts YUV with the BT.601 matrix whatever a clip's tags say (it
+honours only the range; measured with DALI 2.4 on CPU), and the other readers of clips
+(ingest.clip_decode) convert the same way, so all three see the same pixels and the right colours.
 """
 
 from __future__ import annotations
@@ -10,13 +16,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 from collections.abc import Iterator
 from fractions import Fraction
-from typing import IO, Any
+from typing import IO
 
 import av
 
-from ingest.clip_plan import Clip, VideoInfo
+from ingest.clip_plan import Clip, Look
+from ingest.probe import BadVideo
+
+# The colour every clip is written in (the scale filter's names), and its tags (libav's AVCOL_* numbers:
+# range 1 = limited; colorspace, primaries and transfer 6 = SMPTE 170M, i.e. BT.601 525-line).
+OUTPUT_COLOUR = {"matrix": "bt601", "range": "limited", "bit_depth": 8, "chroma": "4:2:0"}
+OUTPUT_TAGS = {"color_range": 1, "colorspace": 6, "color_primaries": 6, "color_trc": 6}
+# Turning a stored picture upright: its rotation (counter-clockwise degrees) -> libavfilter filters
+UPRIGHT = {
+    0: (),
+    90: (("transpose", "cclock"),),
+    180: (("hflip", ""), ("vflip", "")),
+    270: (("transpose", "clock"),),
+}
 
 CODECS = {
     # codec name: (container format, libav encoder, encoder options, file extension)
@@ -28,49 +48,6 @@ CODECS = {
     ),
     "h264": ("mp4", "libx264", {"preset": "veryfast", "crf": "23"}, "mp4"),
 }
-
-
-class BadVideo(Exception):
-    """A source that cannot give any clip; `reason` is a short machine-friendly category."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def probe(
-    src: str | IO[bytes], uri: str, label: str | None = None, meta: dict[str, Any] | None = None
-) -> VideoInfo:
-    """Read the container header: frame count, frame rate, size. Raises BadVideo with a reason."""
-    try:
-        with av.open(src, metadata_errors="ignore") as container:
-            if not container.streams.video:
-                kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-                raise BadVideo("no-video-stream", f"streams: {', '.join(kinds)}")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            if not rate or rate <= 0:
-                raise BadVideo("no-frame-rate", "the video stream has no frame rate")
-            frames = stream.frames
-            if frames <= 0:  # many containers don't store a count: estimate it from the duration
-                if stream.duration is not None and stream.time_base is not None:
-                    seconds = float(stream.duration * stream.time_base)
-                elif container.duration is not None:
-                    seconds = container.duration / av.time_base
-                else:
-                    raise BadVideo("no-duration", "neither a frame count nor a duration")
-                frames = int(seconds * float(rate))
-            width, height = stream.codec_context.width, stream.codec_context.height
-            if width <= 0 or height <= 0:
-                raise BadVideo("no-size", "the video stream has no frame size")
-            return VideoInfo(uri, int(frames), float(rate), width, height, label, dict(meta or {}))
-    except BadVideo:
-        raise
-    except (av.error.InvalidDataError, av.error.EOFError) as err:
-        raise BadVideo("not-a-video", str(err)) from None
-    except av.error.FFmpegError as err:
-        raise BadVideo("unreadable", str(err)) from None
 
 
 def _scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -89,10 +66,12 @@ class _ClipEncoder:
         self.buffer = io.BytesIO()
         # bitexact: no random segment id or creation date in the header, so the bytes are reproducible
         self.container = av.open(self.buffer, mode="w", format=fmt, options={"fflags": "+bitexact"})
-        rate = Fraction(clip.out_fps).limit_denominator(1001)
+        rate = Fraction(clip.out_fps).limit_denominator(1001) or Fraction(clip.out_fps).limit_denominator()
         self.stream = self.container.add_stream(encoder, rate=rate, options=dict(options))
         self.stream.width = self.stream.height = size
         self.stream.pix_fmt = "yuv420p"
+        for tag, value in OUTPUT_TAGS.items():
+            setattr(self.stream.codec_context, tag, value)
         self.stream.codec_context.time_base = 1 / rate
         self.stream.thread_count = 1  # ingest scales with processes, not threads (STACK.md)
         self.written = 0
@@ -113,19 +92,43 @@ class _ClipEncoder:
             self.container.close()
 
 
-def _filter_graph(stream: av.video.stream.VideoStream, size: int) -> av.filter.Graph:
+# setparams' names for the matrices ingest.probe reports (the scale filter's names)
+SETPARAMS_MATRIX = {"bt2020": "bt2020nc", "fcc": "fcc", "smpte240m": "smpte240m"}
+
+
+def _needs_colour(look: Look) -> bool:
+    """False when the source already is the output colour (8-bit BT.601 limited): no conversion pass."""
+    return look.matrix not in ("bt470bg", "smpte170m") or look.full_range or look.bit_depth != 8
+
+
+def _filter_graph(stream: av.video.stream.VideoStream, size: int, look: Look) -> av.filter.Graph:
+    """buffer -> [setparams: the source's matrix and range made explicit] -> upright -> scale (short side
+    to size) -> centre crop -> [scale: the source's matrix, range and depth to OUTPUT_COLOUR] -> 8-bit
+    4:2:0 -> sink. The colour pass runs at the clip's size, after the crop: converting the matrix of a
+    720p frame before scaling cost a third more CPU than the whole graph without it; after, 7%."""
     graph = av.filter.Graph()
     graph.threads = 1  # the automatic default was ~30% slower with parallel processes (STACK.md)
-    w, h = _scaled_size(stream.codec_context.width, stream.codec_context.height, size)
-    src = graph.add_buffer(template=stream)
-    scale = graph.add("scale", f"{w}:{h}:flags=area")
-    crop = graph.add("crop", f"{size}:{size}")
-    fmt = graph.add("format", "yuv420p")
-    sink = graph.add("buffersink")
-    src.link_to(scale)
-    scale.link_to(crop)
-    crop.link_to(fmt)
-    fmt.link_to(sink)
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if look.rotation in (90, 270):
+        width, height = height, width
+    w, h = _scaled_size(width, height, size)
+    tags, colour = [], []
+    if _needs_colour(look):
+        matrix = SETPARAMS_MATRIX.get(look.matrix, look.matrix)
+        tags = [graph.add("setparams", f"colorspace={matrix}:range={'pc' if look.full_range else 'tv'}")]
+        colour = [graph.add("scale", f"flags=area:out_color_matrix={OUTPUT_COLOUR['matrix']}:out_range=tv")]
+    chain = [
+        graph.add_buffer(template=stream),
+        *tags,
+        *(graph.add(name, args) for name, args in UPRIGHT[look.rotation]),
+        graph.add("scale", f"{w}:{h}:flags=area"),
+        graph.add("crop", f"{size}:{size}"),
+        *colour,
+        graph.add("format", "yuv420p"),
+        graph.add("buffersink"),
+    ]
+    for a, b in itertools.pairwise(chain):
+        a.link_to(b)
     graph.configure()
     return graph
 
@@ -153,7 +156,7 @@ def cut_clips(
         with av.open(src, metadata_errors="ignore") as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            graph = _filter_graph(stream, size)
+            graph = _filter_graph(stream, size, clips[0].look)
             index = -1
             for frame in container.decode(stream):
                 index += 1

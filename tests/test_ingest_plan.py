@@ -1,4 +1,5 @@
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -66,3 +67,36 @@ def test_plan_is_deterministic_and_shards_cover_every_clip_once():
     assert plan_digest(shards, spec) != plan_digest(group_into_shards(clips, 4), spec)
     with pytest.raises(ValueError):
         shards_of_node(4, 2, 2)
+
+
+def test_a_rate_varies_only_past_a_tick_and_two_percent():
+    from ingest.probe import _is_variable
+
+    assert not _is_variable([0, 33, 67, 100, 133, 167])  # 30 fps on a 1/1000 time base: 33/34 ms jitter
+    assert not _is_variable([i * 3003 for i in range(10)])  # 29.97 on 1/90000
+    assert _is_variable([0, 100, 200, 220, 240, 260, 360])  # 10 fps, then 50, then 10
+    assert _is_variable([0, 40, 80, 160, 200])  # one dropped frame: the frame before is shown twice as long
+
+
+def test_windows_and_time_sampling():
+    from ingest.clip_plan import Segment, clips_of, frame_window, time_samples
+
+    v = VideoInfo("/v/a.mp4", 100, 25.0, 64, 48)
+    assert frame_window(v) == (0, 100)
+    assert frame_window(replace(v, segment=Segment(0.5, 1.9))) == (
+        13,
+        48,
+    )  # frames whose time is in [0.5, 1.9)
+    assert frame_window(replace(v, segment=Segment(10, None, "frame"))) == (10, 100)
+    seg = clips_of(replace(v, segment=Segment(0.5, 1.9)), 8, None, 1, 8)
+    whole = clips_of(v, 8, None, 1, 8)
+    assert [c.start for c in seg] == [13, 21, 29, 37] and {c.key for c in seg}.isdisjoint(
+        {c.key for c in whole}
+    )
+    # variable rate: 10 fps for 1 s, then 50 fps: the frame shown at each output time
+    times = tuple([i / 10 for i in range(10)] + [1 + i / 50 for i in range(50)])
+    vfr = VideoInfo("/v/b.mp4", len(times), (len(times) - 1) / times[-1], 64, 48, frame_times=times)
+    (t0, idx), *_ = time_samples(vfr, 4, 20.0, 4)
+    assert t0 == 0 and idx == [0, 0, 1, 1]  # 0, 0.05, 0.1, 0.15 s: each 10 fps frame shown twice
+    clips = clips_of(vfr, 4, 20.0, 1, 4)
+    assert clips[5].indices == (10, 12, 15, 17) and clips[5].start_seconds == 1.0 and clips[5].out_fps == 20.0

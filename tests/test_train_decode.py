@@ -30,9 +30,9 @@ except ModuleNotFoundError:  # no nvidia namespace package at all
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
 
 T, S, B = 16, 64, 4
-# DALI and PyAV convert YUV to RGB differently. Measured on these clips: mean |diff| per clip 1.2-1.9
-# (0-255 scale), max 34; STACK.md saw max 57 on other clips.
-MEAN_TOL, MAX_TOL = 3.0, 64
+# The PyAV readers convert YUV to RGB as DALI does (ingest.clip_decode): identical on these clips
+# (measured 2026-12-04: max |diff| 0). Before, they differed by a mean of 1.2-1.9 of 255 per clip, max 34.
+MEAN_TOL, MAX_TOL = 0.01, 1
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -68,7 +68,7 @@ def test_dali_cpu_uint8_decode_matches_pyav(clips, dali_u8):
     assert ref_bad == [] and ref.shape == x.shape
     diff = (x.int() - ref.int()).abs()
     assert diff.float().mean(dim=(1, 2, 3, 4)).max() < MEAN_TOL
-    assert diff.max() < MAX_TOL
+    assert diff.max() <= MAX_TOL
     assert x.float().std() > 20  # real picture content, not a constant fill
 
 

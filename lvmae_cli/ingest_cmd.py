@@ -4,13 +4,13 @@ ingest.synth (add_parser, which the main parser calls), and what they print."""
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 
-from ingest.config import ClipSpec, IngestConfig
+from ingest.config import IngestConfig
 from ingest.metrics import metrics_exporter
 from ingest.retry import StoreUnavailable
+from lvmae_cli.ingest_args import add_clip_spec_args, clip_spec, storage_options
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
@@ -22,15 +22,6 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB, 64MiB, 500000)")
     unit = m.group(2).upper()
     return int(float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1))
-
-
-def _storage_options(text: str | None) -> dict | None:
-    from lvmae.errors import UserError
-
-    try:
-        return json.loads(text) if text else None
-    except ValueError as err:
-        raise UserError(f"--storage-options is not JSON: {err}") from None
 
 
 def _print_skipped(errors: list[dict], name, limit: int = 10) -> None:
@@ -73,14 +64,7 @@ def cmd_clips(args: argparse.Namespace) -> int:
     from lvmae.errors import UserError
 
     cfg = IngestConfig(
-        clip=ClipSpec(
-            num_frames=args.frames,
-            size=args.size,
-            fps=args.fps,
-            frame_stride=args.frame_stride,
-            clip_stride=args.clip_stride,
-            codec=args.codec,
-        ),
+        clip=clip_spec(args),
         shard_bytes=args.shard_size,
         shard_clips=args.shard_clips,
         workers=args.workers,
@@ -90,7 +74,7 @@ def cmd_clips(args: argparse.Namespace) -> int:
         split_seed=args.split_seed,
         val_share=args.val_share,
         test_share=args.test_share,
-        storage_options=_storage_options(args.storage_options) or {},
+        storage_options=storage_options(args.storage_options) or {},
     )
     try:
         summary = ingest_clips(
@@ -114,6 +98,16 @@ def cmd_clips(args: argparse.Namespace) -> int:
         f"{s.shards_skipped} shards already done) in {s.seconds:.1f} s"
     )
     _print_skipped(s.errors, lambda e: e["source"])
+    notes = [
+        f"{s.segments} manifest rows are segments of their files" if s.segments else "",
+        f"{s.variable_rate} variable-rate sources sampled by presentation time" if s.variable_rate else "",
+        f"{s.rotated} rotated sources turned upright" if s.rotated else "",
+        "passed over: " + ", ".join(f"{n} {why}" for why, n in s.passed_over.items())
+        if s.passed_over
+        else "",
+    ]
+    for note in filter(None, notes):
+        print(f"  {note}")
     if s.index_written:
         print(
             f"data set complete: {s.num_samples} clips, {args.out.rstrip('/')}/index.json (errors: errors.jsonl)"
@@ -142,7 +136,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from ingest.tokens import TokensError, ingest_tokens
     from lvmae.errors import UserError
 
-    options = _storage_options(args.storage_options)
+    options = storage_options(args.storage_options)
     try:
         s = ingest_tokens(
             args.dataset,
@@ -211,16 +205,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "src", nargs="+", help="directories, globs, files, s3:// prefixes, or .csv/.jsonl manifests"
     )
     p.add_argument("--out", required=True, help="data set root: a local path or s3://bucket/prefix")
-    p.add_argument("--frames", type=int, default=128, help="frames per clip (default 128)")
-    p.add_argument("--size", type=int, default=224, help="clip side after short-side resize + centre crop")
-    p.add_argument("--fps", type=float, default=None, help="target frame rate (default: the source's)")
-    p.add_argument(
-        "--frame-stride", type=int, default=1, help="source frames per clip frame when --fps is unset"
-    )
-    p.add_argument(
-        "--clip-stride", type=int, default=None, help="clip frames between clip starts (default: --frames)"
-    )
-    p.add_argument("--codec", choices=["vp9", "h264"], default="vp9")
+    add_clip_spec_args(p)
     p.add_argument("--shard-size", type=parse_size, default=1 << 30, help="target shard size (default 1GiB)")
     p.add_argument(
         "--shard-clips", type=int, default=None, help="exact clips per shard (overrides --shard-size)"
@@ -292,6 +277,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     y.add_argument("--list", action="store_true", help="list the tasks and their classes, then exit")
     y.add_argument("--quiet", action="store_true", help="no progress bar")
     y.set_defaults(func=cmd_synth)
+
+    from lvmae_cli import manifest_cmd, survey_cmd
+
+    manifest_cmd.add_parser(isub)
+    survey_cmd.add_parser(isub)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ingest.clip_plan import clip_starts
 from ingest.clips import ingest_clips
 from ingest.config import ClipSpec, IngestConfig
+from ingest.probe import probe
 from ingest.samples import sample_videos
-from ingest.video import probe
 
 
 def build_corpus(root: Path, copies: int) -> list[Path]:

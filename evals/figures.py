@@ -193,3 +193,29 @@ def save_examples(clips: list[torch.Tensor], names: list[tuple[str, str]], path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_eval_curve(evals: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """The in-run health probe over a run (train.health; the records of train_log.jsonl's "eval"): k-NN
+    top-1 against chance, and the features' effective rank, by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in evals]
+    fig, (acc, rank) = plt.subplots(1, 2, figsize=(9, 3.2))
+    acc.plot(steps, [100 * e["knn_top1"] for e in evals], "o-", label="k-NN top-1")
+    acc.axhline(100 * evals[0]["chance"], color="grey", ls="--", label="chance")
+    acc.set(
+        xlabel="step", ylabel="%", title=f"k-NN probe on {evals[0]['clips'][1]} {evals[0]['split']} clips"
+    )
+    acc.legend(fontsize=8)
+    rank.plot(steps, [e["effective_rank"] for e in evals], "o-", color="tab:green")
+    rank.set(xlabel="step", title=f"effective rank of the features (of {evals[0]['dim']})")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

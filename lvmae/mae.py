@@ -213,8 +213,15 @@ class MaskedVideoAutoencoder(nn.Module):
         plan: MaskPlan | None = None,
         priority: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> MAEOutput:
-        """video (B, C, T, H, W). Pass a `plan`, or let one be drawn (with `priority` for `adaptive`)."""
+        encode: bool = False,
+    ) -> MAEOutput | torch.Tensor:
+        """video (B, C, T, H, W). Pass a `plan`, or let one be drawn (with `priority` for `adaptive`).
+        encode=True: only the encoder's tokens of the whole clip (B, N, D), nothing masked (the in-run
+        probe), through the same tubelet path as training, so that under ZeRO-3 the call goes through the
+        engine like a training step (its parameters are gathered the same way)."""
+        if encode:
+            ids = torch.arange(self.cfg.video.num_tokens, device=video.device).expand(video.shape[0], -1)
+            return self.encoder(video, ids)
         if plan is None:
             plan = self.plan(video.shape[0], generator, priority, video.device)
         latent = self.forward_encoder(video, plan)

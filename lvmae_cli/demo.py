@@ -34,7 +34,7 @@ from pathlib import Path
 from train.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-SHOWN = re.compile(r"^(step |checkpoint |resumed |exported |lvmae train|removed )|error:")
+SHOWN = re.compile(r"^(step |checkpoint |resumed |exported |lvmae train|removed |eval at step )|error:")
 
 
 def scrape(port: int, names: tuple[str, ...]) -> list[str]:
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
+    from evals.figures import save_eval_curve
     from ingest.clips import IngestError, ingest_clips
     from ingest.config import ClipSpec, IngestConfig
     from ingest.storage import Store
@@ -204,6 +205,9 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         f"optim.warmup_steps={min(20, total // 4)}",
     ]
     mae_args += [f"run.checkpoint_every={half}"]
+    # the health probe inside the run: k-NN on the val videos at step 0 (random init), every sixth of the
+    # run and at its end; the best step's checkpoint is kept
+    mae_args += [f"eval.every={max(1, total // 6)}", "eval.split=val", "run.keep_best=true"]
     port = free_port(pair=True)
     if latest_step(mae_run) < half:
         print(f"  first launch: to step {half}, then stop", flush=True)
@@ -232,6 +236,11 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     print("6/6 figure: one clip, its priorities, masks and reconstructions", flush=True)
     figure, accuracy = draw(data, tokens.tokenizer_id, tok_run / "tokenizer", mae_run / "export", out)
     tok_log, mae_log = read_log(tok_run / "train_log.jsonl"), read_log(mae_run / "train_log.jsonl")
+    evals = [{"step": r["step"], **r["eval"]} for r in mae_log if "eval" in r]
+    eval_png = save_eval_curve(
+        evals, out / "lvmae_demo_eval.png", "the health probe inside the demo's LVMAE run"
+    )
+    mae_log = [r for r in mae_log if "loss" in r]
     runs = {
         name: json.loads((run / "summary.json").read_text())
         for name, run in (("tokenizer", tok_run), ("mae", mae_run))
@@ -250,6 +259,16 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         "mae_steps": [r["step"] for r in mae_log][-1],
         "clips_per_s": {"tokenizer": runs["tokenizer"]["clips_per_s"], "mae": runs["mae"]["clips_per_s"]},
         "selected_code_accuracy": round(accuracy, 3),
+        "in_run_eval": {
+            "split": evals[0]["split"],
+            "clips": evals[0]["clips"],
+            "chance": evals[0]["chance"],
+            "steps": [e["step"] for e in evals],
+            "knn_top1": [e["knn_top1"] for e in evals],
+            "effective_rank": [e["effective_rank"] for e in evals],
+            "feature_spread": [e["feature_spread"] for e in evals],
+            "best": runs["mae"]["eval"]["best"],
+        },
         "hf_export": hf_export,
         "probe": {
             "pretrained_top1": test["pretrained"]["top1"],
@@ -269,6 +288,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
             "train_logs": [str(tok_run / "train_log.jsonl"), str(mae_run / "train_log.jsonl")],
             "prometheus_targets": str(out / "runs" / "prometheus-targets"),
             "figure": str(figure),
+            "eval_curve": str(eval_png),
             "tokenizer_eval": tok_eval["json"],
             "tokenizer_figure": tok_eval["figure"],
             "probe": probes["pretrained"]["json"],
@@ -354,6 +374,14 @@ def print_summary(s: dict, out: Path) -> None:
         f"priority vs frame difference: rank correlation {te['priority']['frame_diff_spearman']:.2f}"
     )
     print(f"  LVMAE ({s['mae_steps']} steps, resumed once): token loss {m0:.3f} -> {m1:.3f}")
+    e = s["in_run_eval"]
+    print(
+        f"  in-run health probe (k-NN on {e['clips'][1]} {e['split']} clips, chance {100 * e['chance']:.0f}%): "
+        f"step 0 (random init) {100 * e['knn_top1'][0]:.1f}% -> step {e['steps'][-1]} "
+        f"{100 * e['knn_top1'][-1]:.1f}%, best {100 * e['best']['knn_top1']:.1f}% at step "
+        f"{e['best']['step']} (its checkpoint kept); effective rank {e['effective_rank'][0]:.1f} -> "
+        f"{e['effective_rank'][-1]:.1f}"
+    )
     p = s["probe"]
     print(
         f"  probe on `{p['task']}` ({p['num_test_clips']} held-out test clips, chance {100 * p['chance']:.0f}%): "

@@ -1,6 +1,6 @@
 """`make demo` end to end, with few steps: generated labelled videos, ingest, tokenizer, tokens, LVMAE on
-128-frame clips on 2 ZeRO-3 processes with a resume, the probe against a random-init encoder, the summary
-and the figures; on the local store and on a local S3 server."""
+128-frame clips on 2 ZeRO-3 processes with a resume and the health probe inside the run, the probe
+against a random-init encoder, the summary and the figures; on the local store and on a local S3 server."""
 
 import json
 import subprocess
@@ -42,7 +42,15 @@ def test_demo_runs_end_to_end_with_few_steps(tmp_path, store):
     assert Path(art["probe_examples"]).stat().st_size > 10_000
     # The LVMAE run stopped at its half-way checkpoint and resumed from it: each step logged once.
     mae_log = read_log(out / "runs" / "mae" / "train_log.jsonl")
-    assert [r["step"] for r in mae_log] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in mae_log] == [0, 1, 2, 3, 4, 5, 6]  # step 0: the random-init eval's line
+    # The health probe ran in the run (every step here: 6 steps / 6), before and after the resume.
+    assert [r["step"] for r in mae_log if "eval" in r] == [0, 1, 2, 3, 4, 5, 6]
+    ev = summary["in_run_eval"]
+    assert ev["steps"] == [0, 1, 2, 3, 4, 5, 6] and ev["clips"] == [16, 2] and ev["split"] == "val"
+    assert ev["best"]["step"] >= 1 and ev["best"]["knn_top1"] == max(ev["knn_top1"][1:])
+    assert (out / "runs" / "mae" / "checkpoints" / ev["best"]["checkpoint"] / "meta.json").is_file()
+    assert Path(art["eval_curve"]).stat().st_size > 10_000
+    assert "in-run health probe (k-NN on 2 val clips" in run.stdout
     assert "resumed from" in run.stdout and "step-00000003 at step 3" in run.stdout
     assert "metrics live at http://127.0.0.1:" in run.stdout and "lvmae_train_steps_total" in run.stdout
     targets = json.loads((out / "runs" / "prometheus-targets" / "mae.json").read_text())

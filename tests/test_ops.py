@@ -45,6 +45,7 @@ def exercised_metrics() -> TrainMetrics:
     m = TrainMetrics(rank=0)
     m.step(samples=4, tokens=4 * 128, data_wait_s=0.01, compute_s=0.2, loss=1.5, lr=1e-3, grad_norm=0.7)
     m.loader(queue_depth=2, frames=64, read_bytes=1000, retries=0, errors=0, skipped=0)
+    m.eval({"split": "val", "knn_top1": 0.5, "feature_spread": 0.1, "effective_rank": 4.2})
     return m
 
 
@@ -109,9 +110,12 @@ def start_prometheus(tmp_path: Path, targets_dir: Path) -> tuple[subprocess.Pope
     return proc, web
 
 
-def test_prometheus_scrapes_a_real_training_run_and_the_dashboard_gets_data(tmp_path, train_data):
-    """Two ranks of `lvmae train mae` (torchrun) with their exporters on; Prometheus finds them through the
-    file-SD list the run writes, and every dashboard query returns data while the run trains."""
+def test_prometheus_scrapes_a_real_training_run_and_the_dashboard_gets_data(
+    tmp_path, train_data, colour_data
+):
+    """Two ranks of `lvmae train mae` (torchrun) with their exporters on and the in-run probe on a labelled
+    data set (the colour clips, cut to the run's 8 frames); Prometheus finds them through the file-SD list
+    the run writes, and every dashboard query returns data while the run trains."""
     runs = tmp_path / "runs"
     prom, web = start_prometheus(tmp_path, runs / "prometheus-targets")
     base = free_port(pair=True)  # ranks 0 and 1 serve on base and base + 1
@@ -122,6 +126,9 @@ def test_prometheus_scrapes_a_real_training_run_and_the_dashboard_gets_data(tmp_
         "run.steps=1000000",
         "run.checkpoint_every=0",
         f"run.metrics_port_base={base}",
+        "eval.every=200",
+        f"eval.data={colour_data / 'data'}",
+        "eval.split=test",
     )
     cmd = [sys.executable, "-m", "lvmae_cli", "launch", "--launcher=torchrun", "--nproc=2"]
     cmd += [f"--master-port={free_port()}", "--", *args]

@@ -8,6 +8,8 @@ Layout under RUN/checkpoints/ (a local or shared filesystem that every rank sees
         config.yaml          the resolved training config (credentials redacted)
         meta.json            {"step", "world_size", ...}, written last
     latest                   the name of the newest complete checkpoint (replaced atomically)
+    best.json                with run.keep_best: the checkpoint of the best in-run probe score, its step
+                             and figures; kept beside the last K
     .tmp-step-00000200/      a save under way, or one that a killed run left; removed at the next start
 
 A save writes everything into .tmp-step-N, meets every rank at a barrier, and only then does rank 0
@@ -49,6 +51,7 @@ from train.rundir import RunDir
 
 LATEST = "latest"
 META = "meta.json"
+BEST = "best.json"
 _STEP = re.compile(r"^step-(\d{8})$")
 # Whose file it is, by name: DeepSpeed's per-rank files ((bf16_)zero_pp_rank_R_..., ZeRO shards and optimizer
 # partitions) and ours (rank-RRRRR.json). Files without a rank (meta.json, config.yaml, below ZeRO-3
@@ -110,6 +113,7 @@ class Checkpoints:
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.location = str(self.dir)  # where the checkpoints live, for messages
         self.upload_seconds = 0.0  # of the last save (only a run on object storage uploads)
+        self.best: dict[str, Any] | None = None  # best.json: never pruned (run.keep_best)
 
     def where(self, path: Path) -> str:
         """A checkpoint's address for messages: here its path."""
@@ -184,10 +188,31 @@ class Checkpoints:
         _barrier(dist)  # nobody goes on (or reads `latest`) before the rename
         return final
 
-    def _prune(self) -> None:
+    def read_best(self) -> dict[str, Any] | None:
+        """best.json, or None."""
+        path = self.dir / BEST
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _write_best(self, text: str) -> None:
+        write_text_atomically(self.dir / BEST, text)
+
+    def set_best(self, best: dict[str, Any]) -> None:
+        """After the save of best["step"]: remember it, so pruning spares it; rank 0 writes best.json and
+        prunes the best it replaces."""
+        self.best = best
+        if self.rank == 0:
+            self._write_best(json.dumps(best, indent=1) + "\n")
+            self._prune()
+
+    def _prunable(self) -> list[int]:
+        """Steps beyond the last keep_last, the best one spared."""
         if self.keep_last <= 0:
-            return
-        for step in self.steps()[: -self.keep_last]:
+            return []
+        best = self.best["step"] if self.best else None
+        return [s for s in self.steps()[: -self.keep_last] if s != best]
+
+    def _prune(self) -> None:
+        for step in self._prunable():
             shutil.rmtree(self.dir / step_name(step), ignore_errors=True)
 
     def load(self, engine: Any, path: Path) -> tuple[int, dict[str, Any]]:
@@ -345,10 +370,17 @@ class StoredCheckpoints(Checkpoints):
             return False
         return self._owns(file)
 
+    def read_best(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.read_bytes(f"checkpoints/{BEST}"))
+        except FileNotFoundError:
+            return None
+
+    def _write_best(self, text: str) -> None:
+        self.store.write_bytes(f"checkpoints/{BEST}", text.encode())
+
     def _prune(self) -> None:
-        if self.keep_last <= 0:
-            return
-        for step in self.steps()[: -self.keep_last]:
+        for step in self._prunable():
             self._remove_step(step_name(step))
 
     def _prune_local(self) -> None:

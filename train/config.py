@@ -117,6 +117,9 @@ class RunConfig:
     metrics_port_base: int = 9400  # rank r serves Prometheus metrics on port base + r; 0 disables
     metrics_addr: str = "127.0.0.1"
     log_every: int = 10  # steps
+    # Keep the checkpoint of the best in-run probe score (eval.*; checkpoints/best.json names it) beside
+    # the last keep_last; an eval that beats the best saves a checkpoint of its step if none is due.
+    keep_best: bool = False
 
     def validate(self, prefix: str = "run") -> None:
         check(bool(self.out), f"{prefix}.out", "must name an output directory")
@@ -144,12 +147,45 @@ class RunConfig:
         check(self.log_every >= 1, f"{prefix}.log_every", "must be a positive integer")
 
 
-def validate_training(data: DataConfig, optim: OptimConfig, run: RunConfig) -> None:
+@dataclass
+class EvalConfig:
+    """The health probe inside a pretraining run (train.health): a k-NN probe and collapse signals on the
+    frozen encoder's pooled features of labelled clips, every `every` steps, at step 0 and at the end."""
+
+    every: int = 0  # steps; 0: off
+    # A labelled data set (lvmae ingest clips with labels; its clips the model's length and size); None:
+    # data.url. Its splits are made by source video at ingest.
+    data: str | None = None
+    train_split: str = "train"  # the k-NN memory bank
+    split: str = "val"  # the held-out clips it scores (pick val: best-checkpoint choice should not see test)
+    max_clips: int = 512  # per split, at most
+    k: int = 20  # neighbours that vote
+
+    def validate(self, prefix: str = "eval") -> None:
+        check(self.every >= 0, f"{prefix}.every", "must be >= 0 (0: off)")
+        check(self.data is None or bool(self.data), f"{prefix}.data", "must name a data set")
+        check_choice(self.train_split, f"{prefix}.train_split", SPLITS)
+        check_choice(self.split, f"{prefix}.split", SPLITS)
+        check(self.split != self.train_split, f"{prefix}.split", "must differ from eval.train_split")
+        check(self.max_clips >= 1, f"{prefix}.max_clips", "must be a positive integer")
+        check(self.k >= 1, f"{prefix}.k", "must be a positive integer")
+
+
+def validate_training(
+    data: DataConfig, optim: OptimConfig, run: RunConfig, evals: EvalConfig | None = None
+) -> None:
     """The sections every training config shares (this module's and evals.finetune's), and how they
     bound each other."""
     data.validate("data")
     optim.validate("optim")
     run.validate("run")
+    if evals is not None:
+        evals.validate("eval")
+    check(
+        not run.keep_best or (evals is not None and evals.every > 0),
+        "run.keep_best",
+        "needs the in-run probe: set eval.every (pretraining runs only)",
+    )
     check(
         run.steps <= optim.total_steps,
         "run.steps",
@@ -180,10 +216,11 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
-        validate_training(self.data, self.optim, self.run)
+        validate_training(self.data, self.optim, self.run, self.eval)
         if self.model.target.kind == "tokens" or self.model.masking.needs_priority:
             check(
                 self.data.tokens is not None,
@@ -265,6 +302,7 @@ def load_tokenizer_train_config(
 
 __all__ = [
     "DataConfig",
+    "EvalConfig",
     "OptimConfig",
     "PretrainModelConfig",
     "RunConfig",

@@ -84,6 +84,19 @@ class TrainMetrics:
             "Upload time of the last checkpoint to object storage (rank 0: the whole commit; 0 locally)",
             registry=r,
         )
+        # The in-run health probe (train.health), on rank 0 only: no series before its first eval.
+        self.eval_knn = Gauge(
+            "lvmae_eval_knn_top1_ratio", "k-NN probe top-1 on the held-out split", ["split"], registry=r
+        )
+        self.eval_spread = Gauge(
+            "lvmae_eval_feature_spread_ratio",
+            "Std of the L2-normalised pooled features across clips, x sqrt(dim): 0 is collapse",
+            ["split"],
+            registry=r,
+        )
+        self.eval_rank = Gauge(
+            "lvmae_eval_effective_rank", "Effective rank of the pooled features", ["split"], registry=r
+        )
         self._loader_seen: dict[str, float] = {}
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
@@ -118,6 +131,13 @@ class TrainMetrics:
         self.last_step.set(time.time())
         kind, peak = peak_memory_bytes()
         self.peak_memory.labels(kind).set(peak)
+
+    def eval(self, record: dict[str, Any]) -> None:
+        """The figures of one in-run evaluation (train.health.HealthProbe.evaluate)."""
+        split = record["split"]
+        self.eval_knn.labels(split).set(record["knn_top1"])
+        self.eval_spread.labels(split).set(record["feature_spread"])
+        self.eval_rank.labels(split).set(record["effective_rank"])
 
     def checkpoint(self, *, upload_s: float) -> None:
         self.checkpoint_upload.set(upload_s)

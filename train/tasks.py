@@ -69,6 +69,11 @@ class Task(Protocol):
         training dtype; gen: this step's generator (masks, noise); step: the optimizer step being taken."""
         raise NotImplementedError
 
+    def features(self, model: nn.Module, video: torch.Tensor) -> torch.Tensor:
+        """One feature vector per clip (B, D) of the model's encoder, for the in-run health probe
+        (train.health, eval.*); tasks without an encoder to probe leave it unimplemented."""
+        raise NotImplementedError(f"the {self.name} task has no features to probe")
+
     def step_metrics(self) -> dict[str, float]:
         """Figures of the last step (averaged over ranks, logged and exported), e.g. accuracy."""
         return {}
@@ -207,6 +212,12 @@ class MAETask(Task):
         plan = module.plan(video.shape[0], gen, priority, video.device)
         out = model(video, plan=plan)
         return mae_loss(self.model_cfg, out, video=video, codes=batch.get("codes"))
+
+    def features(self, model: nn.Module, video: torch.Tensor) -> torch.Tensor:
+        """The encoder's tokens of the whole clip (no masking), mean-pooled. Through the engine's forward
+        (model(video, encode=True)): a submodule called on its own would bypass what DeepSpeed's ZeRO-3
+        does around a forward, and leave parameters released that the next training step uses."""
+        return model(video, encode=True).mean(1)
 
     def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:
         return save_mae(state, self.model_cfg, out / self.export_dir)

@@ -34,7 +34,7 @@ import torch
 
 from ingest.retry import StoreUnavailable
 from lvmae.errors import UserError
-from train.checkpoint import CheckpointError, open_checkpoints
+from train.checkpoint import CheckpointError, open_checkpoints, step_name
 from train.config import saved_yaml
 from train.decoders import ships_uint8, video_to
 from train.dist import Dist, every_rank_has, join_process_group
@@ -45,11 +45,12 @@ from train.engine import (
     model_init_context,
     resolve_precision,
 )
+from train.health import HealthProbe, eval_line
 from train.loader import ClipLoader
 from train.metrics import TrainMetrics, peak_memory_bytes, write_targets
 from train.resume import check_resumed_model, pick_checkpoint
 from train.rundir import RunDir
-from train.runlog import LOG_FILE, TrainLog
+from train.runlog import LOG_FILE, TrainLog, read_log
 from train.stream import READ_AHEAD_BATCHES, join_readers, prefetch
 from train.tasks import Task
 
@@ -61,11 +62,24 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def build_loader(cfg: Any, task: Task, dist: Dist, device: torch.device | None = None) -> ClipLoader:
-    """This rank's loader, checked against the task. device: where the steps run; with the PyAV decoder on
-    CUDA, batches come as uint8 and are converted there (train.decoders.ships_uint8, video_to)."""
+def loader_kwargs(cfg: Any, dist: Dist, device: torch.device | None = None) -> dict[str, Any]:
+    """The ClipLoader settings every loader of this rank shares (the training one and the health probe's).
+    device: where the steps run; with the PyAV decoder on CUDA, batches come as uint8 and are converted
+    there (train.decoders.ships_uint8, video_to)."""
     threads = cfg.data.decode_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size)
     uint8 = device is not None and ships_uint8(cfg.data.decoder, device)
+    return {
+        "decoder": cfg.data.decoder,
+        "storage_options": cfg.data.storage_options or None,  # None: endpoint from the environment
+        "retries": cfg.data.retries,
+        "retry_deadline": cfg.data.retry_deadline_s,
+        "decoder_kwargs": {"num_threads": threads, "device_id": dist.local_rank}
+        | ({"uint8": True} if uint8 else {}),
+    }
+
+
+def build_loader(cfg: Any, task: Task, dist: Dist, device: torch.device | None = None) -> ClipLoader:
+    """This rank's loader, checked against the task."""
     loader = ClipLoader(
         cfg.data.url,
         cfg.data.batch_size,
@@ -74,14 +88,9 @@ def build_loader(cfg: Any, task: Task, dist: Dist, device: torch.device | None =
         world_size=dist.world_size,
         shuffle_buffer=cfg.data.shuffle_buffer,
         tokens=task.tokens,
-        decoder=cfg.data.decoder,
-        storage_options=cfg.data.storage_options or None,  # None: endpoint from the environment
-        retries=cfg.data.retries,
-        retry_deadline=cfg.data.retry_deadline_s,
         split=cfg.data.split,
         labels=task.labels,
-        decoder_kwargs={"num_threads": threads, "device_id": dist.local_rank}
-        | ({"uint8": True} if uint8 else {}),
+        **loader_kwargs(cfg, dist, device),
     )
     attrs = dict(loader.tokens.group.attrs) if loader.tokens is not None else None
     task.check_data(loader.spec, attrs, cfg.data.url)
@@ -148,6 +157,12 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
 
         self.loader = build_loader(cfg, task, dist, self.device)
+        evals = getattr(cfg, "eval", None)  # pretraining runs only (train.config.EvalConfig)
+        self.health = (
+            HealthProbe(cfg, task, dist, loader_kwargs(cfg, dist, self.device))
+            if evals is not None and evals.every
+            else None
+        )
         self.ckpts = open_checkpoints(self.run_dir, dist.rank, dist.world_size, cfg.run.keep_last)
         self.start = pick_checkpoint(self.ckpts, resume)
         self.metrics = build_metrics(cfg, dist, self.run_dir)  # a busy port fails here, before any write
@@ -204,6 +219,8 @@ class Trainer:
             if run.remote and self.dist.rank == 0:
                 run.download(LOG_FILE)  # uploaded before the checkpoint's commit: it reaches its step
             self.log.truncate(step)
+            best = self.ckpts.read_best()
+            self.ckpts.best = best if best and best["step"] <= step else None
             self.say(f"resumed from {self.ckpts.where(start)} at step {step}")
         elif run.remote:
             self.log.truncate(0)  # a stage can hold the log of an earlier run at this URL
@@ -228,6 +245,8 @@ class Trainer:
         # decoding the next batches overlaps this step
         batches = prefetch(iter(self.loader), depth=READ_AHEAD_BATCHES)
         try:
+            if self.step == 0 and self.health is not None:  # the random-init figure
+                self.log.write({"step": 0, "eval": self.evaluate()})
             while self.step < cfg.run.steps:
                 t0 = time.perf_counter()
                 batch, outage = next_batch(batches)
@@ -236,10 +255,16 @@ class Trainer:
                 ):  # before the step's collectives
                     self.stop_for_outage(outage, batches)
                 record = self.train_step(batch, data_wait_s=time.perf_counter() - t0)  # type: ignore[arg-type]
+                best = None
+                if self.health is not None and self.health.due(self.step, cfg.run.steps):
+                    record["eval"] = self.evaluate()
+                    best = self.beats_best(record["eval"])
                 self.log_step(record, batch)  # type: ignore[arg-type]
                 every = cfg.run.checkpoint_every
-                if (every and self.step % every == 0) or self.step == cfg.run.steps:
+                if (every and self.step % every == 0) or self.step == cfg.run.steps or best:
                     self.save_checkpoint()
+                if best:
+                    self.ckpts.set_best(best)
         finally:
             batches.close()
             self.log.close()
@@ -313,6 +338,22 @@ class Trainer:
                 f"peak {peak_memory_bytes()[1] / 2**30:.2f} GiB"
             )
 
+    def evaluate(self) -> dict[str, Any]:
+        """Collective: the health probe's figures now (train.health), said and exported by rank 0."""
+        assert self.health is not None
+        record = self.health.evaluate(self.engine, self.device, self.dtype)
+        if self.dist.rank == 0:
+            self.metrics.eval(record)
+        self.say(eval_line(self.step, record))
+        return record
+
+    def beats_best(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """With run.keep_best: best.json's content when this step's probe beats the best so far."""
+        best = self.ckpts.best
+        if not self.cfg.run.keep_best or (best is not None and record["knn_top1"] <= best["knn_top1"]):
+            return None
+        return {"step": self.step, "checkpoint": step_name(self.step), **record}
+
     def _save(self) -> Path:
         """Collective: a checkpoint of this step (engine, RNG states, the loader's position, the log)."""
         rank_state = {"loader": self.loader_state, "step": self.step}
@@ -368,6 +409,9 @@ class Trainer:
             "peak_memory": dict(zip(("kind", "bytes"), peak_memory_bytes())),
             "loader": dict(self.loader.stats),
         }
+        if self.health is not None and dist.rank == 0:  # the log holds every eval, also before a resume
+            evals = [{"step": r["step"], **r["eval"]} for r in read_log(self.out / LOG_FILE) if "eval" in r]
+            summary["eval"] = {"first": evals[0], "last": evals[-1], "best": self.ckpts.best}
         if dist.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             for rel in (LOG_FILE, "summary.json"):

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 seed, short runs, fewer videos (< 10 minutes)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3; quick: 1)")
     p.add_argument(
-        "--steps", type=int, default=None, help="pretraining steps per run (default 600; quick 60)"
+        "--steps", type=int, default=None, help="pretraining steps per run (default 600; quick 100)"
     )
     p.add_argument("--tokenizer-steps", type=int, default=None, help="default 400; quick 60")
     p.add_argument("--videos", type=int, default=None, help="order videos (default 400; quick 80)")

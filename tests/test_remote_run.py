@@ -125,6 +125,24 @@ def test_stored_checkpoints_commit_marker_stale_uploads_and_resume_names(s3_buck
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(ck)) == ["latest", STEP4, STEP8]
 
 
+def test_stored_checkpoints_spare_the_best_one(s3_bucket, in_env, tmp_path: Path):
+    """run.keep_best on object storage: best.json lives on the store, and pruning spares its step."""
+    url, options = s3_bucket
+    run = RunDir(f"{url}/b", str(tmp_path / "stage"))
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    ck = f"{url}/b/checkpoints"
+    for step in (STEP4, STEP8, STEP12):
+        fs.pipe(f"{ck}/{step}/meta.json", b'{"step": 1, "world_size": 1}')
+    ckpts = StoredCheckpoints(run, rank=0, world_size=1, keep_last=1)
+    assert ckpts.read_best() is None
+    ckpts.set_best({"step": 4, "checkpoint": STEP4, "knn_top1": 0.75})
+    assert ckpts.steps() == [4, 12]  # 8 pruned (keep_last=1), 4 kept as the best
+    reopened = StoredCheckpoints(run, rank=0, world_size=1, keep_last=1)
+    assert reopened.read_best() == {"step": 4, "checkpoint": STEP4, "knn_top1": 0.75}
+    ckpts.set_best({"step": 12, "checkpoint": STEP12, "knn_top1": 0.8})
+    assert ckpts.steps() == [12]  # the old best goes once another one replaces it
+
+
 def test_a_store_refusing_the_keys_is_one_clear_line(s3_server, s3_bucket, train_data, tmp_path: Path):
     url, _ = s3_bucket
     env = s3_env(s3_server) | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}

@@ -87,6 +87,21 @@ SETTINGS: dict[str, dict] = {
     "hold_frames_only": dict(scorer_input="frames", context_ratio=0.0),
     "hold_causal": dict(causal=True, context_ratio=0.0),
 }
+# The paper's design (configs/tokenizer_paper.yaml), then the paper plus one of our departures at a time
+# (docs/tokenizer.md, "Departures from the paper"); all our departures together are `hold_context`.
+PAPER = OmegaConf.to_container(
+    OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "tokenizer_paper.yaml").tokenizer
+)
+DEPARTURES = {
+    "hold": dict(decoder_context="hold"),
+    "mask_token": dict(dropped_tokens="mask_token"),
+    "context": dict(context_ratio=0.25),
+    "standardized": dict(standardize_logits=True),
+    "differences": dict(scorer_input="frames_and_differences"),
+    "keep25": dict(keep_ratio=0.25),
+}
+SETTINGS["paper"] = dict(PAPER)
+SETTINGS.update({f"paper+{name}": {**PAPER, **over} for name, over in DEPARTURES.items()})
 
 
 def parse_setting(text: str) -> tuple[str, dict]:

@@ -82,7 +82,8 @@ class Tokenizer(nn.Module):
         c_in = {"none": d, "temporal_mean": 2 * d + 1, "keyframe": 2 * d, "hold": 2 * d}[cfg.decoder_context]
         self.decoder = Decoder(cfg, c_in)
         self.scorer = TokenScorer(cfg)
-        self.mask_token = nn.Parameter(torch.zeros(d))
+        if cfg.dropped_tokens == "mask_token":  # (no parameter that no forward uses: ZeRO would wait for it)
+            self.mask_token = nn.Parameter(torch.zeros(d))
         self.quantizer: FSQ | LFQ = (
             FSQ(cfg.fsq_levels) if cfg.quantizer == "fsq" else LFQ(cfg.lfq_bits, cfg.lfq_entropy_weight)
         )
@@ -133,7 +134,8 @@ class Tokenizer(nn.Module):
         elif not self.training:
             keep = hard_topk_mask(flat, k)
         elif cfg.topk == "perturbed":
-            keep = perturbed_topk_mask(standardize(flat), k, cfg.topk_sigma, cfg.topk_samples, generator)
+            scores = standardize(flat) if cfg.standardize_logits else flat
+            keep = perturbed_topk_mask(scores, k, cfg.topk_sigma, cfg.topk_samples, generator)
         else:
             keep = sigmoid_topk_mask(flat, k, cfg.topk_temperature)
         if self.training and cfg.context_ratio > 0 and k < n:
@@ -148,7 +150,9 @@ class Tokenizer(nn.Module):
     def _decode(self, z_q: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """z_q (B, T', H', W', d), keep (B, T', H', W') -> reconstruction (B, C, T, H, W)."""
         m = keep[..., None]  # (B, T', H', W', 1)
-        z_in = m * z_q + (1 - m) * self.mask_token  # dropped tokens: the learned mask token
+        z_in = m * z_q  # dropped tokens: zeros, or the learned mask token
+        if self.cfg.dropped_tokens == "mask_token":
+            z_in = z_in + (1 - m) * self.mask_token
         if self.cfg.decoder_context == "temporal_mean":
             cover = m.sum(1, keepdim=True)  # (B, 1, H', W', 1): how much of this position was kept
             mean = (m * z_q).sum(1, keepdim=True) / cover.clamp_min(1e-6)

@@ -18,6 +18,7 @@ TEMPORAL_PADDINGS = ("replicate", "zeros")
 NORMS = ("group", "channel")
 DECODER_CONTEXTS = ("none", "temporal_mean", "keyframe", "hold")
 SCORER_INPUTS = ("frames", "frames_and_differences")
+DROPPED_TOKENS = ("mask_token", "zeros")
 
 
 def _is_pow2(n: int) -> bool:
@@ -62,6 +63,9 @@ class TokenizerConfig:
     # (straight-through, topk_temperature).
     keep_ratio: float = 0.25
     topk: str = "perturbed"
+    # The perturbed top-k runs on each clip's logits standardised (mean 0, std 1), so topk_sigma is in
+    # units of their spread; false: on the raw logits (the paper's perturbed maximum), sigma absolute.
+    standardize_logits: bool = True
     topk_sigma: float = 1.0
     topk_samples: int = 128
     topk_temperature: float = 0.05
@@ -80,6 +84,9 @@ class TokenizerConfig:
     # decoder gets the latest kept latent at the same position (a video codec's held block): what has not
     # changed since the last kept token needs no token of its own.
     decoder_context: str = "hold"
+    # What a dropped token becomes before the decoder: a learned `mask_token`, or `zeros` (the paper's:
+    # the latent multiplied by its keep mask).
+    dropped_tokens: str = "mask_token"
 
     @property
     def latent_dim(self) -> int:
@@ -138,6 +145,7 @@ class TokenizerConfig:
         check(self.keep_warmup_steps >= 0, f"{prefix}.keep_warmup_steps", "must be >= 0")
         check(0.0 <= self.context_ratio < 1.0, f"{prefix}.context_ratio", "must be in [0, 1)")
         check_choice(self.decoder_context, f"{prefix}.decoder_context", DECODER_CONTEXTS)
+        check_choice(self.dropped_tokens, f"{prefix}.dropped_tokens", DROPPED_TOKENS)
 
     def keep_ratio_at(self, step: int | None) -> float:
         """The training keep ratio at optimizer step `step` (None: the final one)."""

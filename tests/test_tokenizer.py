@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,6 +238,38 @@ def test_decoder_contexts_and_context_tokens(context: str) -> None:
     model.eval()
     first = 16 if context in ("keyframe", "hold") else 0
     assert (model.select(out.priority.detach()).flatten(1).sum(1) == round(0.25 * 64) + first).all()
+
+
+def test_the_papers_selection_zeroes_dropped_tokens_and_perturbs_the_raw_logits() -> None:
+    """configs/tokenizer_paper.yaml: dropped tokens reach the decoder as zeros (no mask token exists),
+    every time step competes, and the perturbed top-k sees the logits unstandardised."""
+    from omegaconf import OmegaConf
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tokenizer_paper.yaml"
+    paper = OmegaConf.to_container(OmegaConf.load(recipe).tokenizer)
+    torch.manual_seed(0)
+    model = Tokenizer(small_cfg(**paper))
+    assert not hasattr(model, "mask_token") and "mask_token" not in model.state_dict()
+    video = torch.rand(2, 3, 8, 32, 32)
+    q, logits = model._quantize(video)
+    none = torch.zeros(q.z_q.shape[:-1])
+    zeros_in = model.decoder(torch.zeros_like(q.z_q).permute(0, 4, 1, 2, 3))
+    assert torch.equal(model._decode(q.z_q, none, video.dtype), zeros_in)
+    keep = model.select(logits.detach(), generator=torch.Generator().manual_seed(3))
+    assert keep[:, 0].sum() < keep[:, 0].numel()  # the first time step is not kept for free
+    # Raw logits: scaling them changes how much the fixed-sigma noise reorders them; standardised, not.
+    flat = torch.randn(2, 64)
+    draws = {}
+    for std in (True, False):
+        m = Tokenizer(small_cfg(**{**paper, "standardize_logits": std})).train()
+        draws[std] = [
+            m.select(x.view(2, 4, 4, 4), generator=torch.Generator().manual_seed(5))
+            for x in (flat, 50 * flat)
+        ]
+    assert torch.allclose(*draws[True]) and not torch.allclose(*draws[False])
+    loss, _ = tokenizer_loss(model(video, generator=torch.Generator().manual_seed(1)), video)
+    loss.backward()
+    assert model.scorer.head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("topk", ["perturbed", "sigmoid"])

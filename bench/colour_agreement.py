@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from doc_table import write_between  # bench/doc_table.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the colour test sources (tests/real_videos.py)
@@ -107,12 +108,6 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def write_table(result: dict) -> None:
-    text = DOC.read_text()
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    DOC.write_text(text[:start] + "\n" + table(result) + "\n" + text[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -123,7 +118,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only rewrite the docs' table from --out")
     args = parser.parse_args()
     if args.table:
-        write_table(json.loads(Path(args.out).read_text()))
+        write_between(DOC, MARKERS, table(json.loads(Path(args.out).read_text())))
         return
     from real_videos import read_patches, write_10bit, write_bt601, write_bt709, write_full_range
 
@@ -167,7 +162,7 @@ def main() -> None:
         }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    write_table(result)
+    write_between(DOC, MARKERS, table(result))
 
 
 if __name__ == "__main__":

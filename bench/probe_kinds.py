@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from doc_table import write_between  # bench/doc_table.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -93,12 +94,6 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def write_table(result: dict) -> None:
-    text = DOC.read_text()
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    DOC.write_text(text[:start] + "\n" + table(result) + "\n" + text[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,7 +102,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only rewrite the docs' table from the results")
     args = parser.parse_args()
     if args.table:
-        write_table(json.loads(RESULTS.read_text()))
+        write_between(DOC, MARKERS, table(json.loads(RESULTS.read_text())))
         return
     demo = Path(args.demo)
     data = str(demo / "data")
@@ -145,7 +140,7 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
-    write_table(out)
+    write_between(DOC, MARKERS, table(out))
     print(f"wrote {RESULTS} and the table in {DOC}")
 
 

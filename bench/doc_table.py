@@ -1,0 +1,13 @@
+"""Tables the benches write into the docs: the text between a pair of markers, replaced by a table made
+from a results file (so no figure in the docs is typed by hand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_between(doc: Path, markers: tuple[str, str], table: str) -> None:
+    """Replace what stands between markers[0] and markers[1] in `doc` by `table`."""
+    text = doc.read_text()
+    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
+    doc.write_text(text[:start] + "\n" + table + "\n" + text[end:])

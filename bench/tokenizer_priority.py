@@ -87,10 +87,12 @@ SETTINGS: dict[str, dict] = {
     "hold_frames_only": dict(scorer_input="frames", context_ratio=0.0),
     "hold_causal": dict(causal=True, context_ratio=0.0),
 }
-# The paper's design (configs/tokenizer_paper.yaml), then the paper plus one of our departures at a time
+# The paper's design (configs/overlays/tokenizer_paper.yaml), then the paper plus one of our departures at a time
 # (docs/tokenizer.md, "Departures from the paper"); all our departures together are `hold_context`.
 PAPER = OmegaConf.to_container(
-    OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "tokenizer_paper.yaml").tokenizer
+    OmegaConf.load(
+        Path(__file__).resolve().parents[1] / "configs" / "overlays" / "tokenizer_paper.yaml"
+    ).tokenizer
 )
 DEPARTURES = {
     "hold": dict(decoder_context="hold"),

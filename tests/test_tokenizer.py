@@ -241,11 +241,11 @@ def test_decoder_contexts_and_context_tokens(context: str) -> None:
 
 
 def test_the_papers_selection_zeroes_dropped_tokens_and_perturbs_the_raw_logits() -> None:
-    """configs/tokenizer_paper.yaml: dropped tokens reach the decoder as zeros (no mask token exists),
+    """configs/overlays/tokenizer_paper.yaml: dropped tokens reach the decoder as zeros (no mask token exists),
     every time step competes, and the perturbed top-k sees the logits unstandardised."""
     from omegaconf import OmegaConf
 
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "tokenizer_paper.yaml"
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "overlays" / "tokenizer_paper.yaml"
     paper = OmegaConf.to_container(OmegaConf.load(recipe).tokenizer)
     torch.manual_seed(0)
     model = Tokenizer(small_cfg(**paper))

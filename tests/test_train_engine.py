@@ -57,6 +57,16 @@ def test_every_recipe_loads_and_validates(recipe: Path) -> None:
 
 
 @pytest.mark.parametrize("recipe", TOKENIZER_RECIPES, ids=lambda p: p.stem)
+def test_the_papers_tokenizer_overlay_applies_to_every_tokenizer_recipe(recipe: Path) -> None:
+    overlay = REPO / "configs" / "overlays" / "tokenizer_paper.yaml"
+    cfg = load_tokenizer_train_config([recipe, overlay], ["data.url=/tmp/data"]).tokenizer
+    assert (cfg.dropped_tokens, cfg.decoder_context, cfg.keep_ratio) == ("zeros", "none", 0.15)
+    assert (
+        cfg.fsq_levels == load_tokenizer_train_config([recipe], ["data.url=/tmp/data"]).tokenizer.fsq_levels
+    )
+
+
+@pytest.mark.parametrize("recipe", TOKENIZER_RECIPES, ids=lambda p: p.stem)
 def test_every_tokenizer_recipe_loads_and_matches_its_mae_recipe(recipe: Path) -> None:
     cfg = load_tokenizer_train_config([recipe], ["data.url=/tmp/data"])
     mae = {

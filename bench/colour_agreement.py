@@ -120,19 +120,12 @@ def main() -> None:
     if args.table:
         write_between(DOC, MARKERS, table(json.loads(Path(args.out).read_text())))
         return
-    from real_videos import read_patches, write_10bit, write_bt601, write_bt709, write_full_range
+    from real_videos import COLOUR_SOURCES, read_patches
 
     from ingest.clip_decode import decode_clip
     from ingest.samples import sample_videos
 
-    sources = {
-        "full_mjpeg.avi": lambda p: write_full_range(p, codec="mjpeg"),
-        "full_h264.mp4": lambda p: write_full_range(p, codec="h264"),
-        "hevc10_bt2020.mp4": lambda p: write_10bit(p, kind="hevc"),
-        "prores10_bt709.mov": lambda p: write_10bit(p, kind="prores"),
-        "bt601.mp4": write_bt601,
-        "bt709.mp4": write_bt709,
-    }
+    sources = COLOUR_SOURCES
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "samples").mkdir()

@@ -599,6 +599,17 @@ def write_bt709(path: Path) -> Written:
     return Written(Path(path), _cfr_times(25, 25), SIZE, patches=tuple(PATCHES), tags=tags)
 
 
+# The colour test sources (file name -> writer): the realworld tests and bench/colour_agreement.py.
+COLOUR_SOURCES = {
+    "full_mjpeg.avi": lambda p: write_full_range(p, codec="mjpeg"),
+    "full_h264.mp4": lambda p: write_full_range(p, codec="h264"),
+    "hevc10_bt2020.mp4": lambda p: write_10bit(p, kind="hevc"),
+    "prores10_bt709.mov": lambda p: write_10bit(p, kind="prores"),
+    "bt601.mp4": write_bt601,
+    "bt709.mp4": write_bt709,
+}
+
+
 @functools.cache
 def _ffmpeg_has_display_rotation() -> bool:
     out = subprocess.run([_need_ffmpeg(), "-hide_banner", "-h", "full"], capture_output=True, text=True)

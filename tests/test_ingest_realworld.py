@@ -20,16 +20,13 @@ import av
 import numpy as np
 import pytest
 from real_videos import (
+    COLOUR_SOURCES,
     FORMATS,
     NEEDS_FFMPEG_CLI,
     read_code,
     read_patches,
-    write_10bit,
-    write_bt601,
-    write_bt709,
     write_cfr,
     write_format,
-    write_full_range,
     write_rotated,
     write_vfr_mp4,
 )
@@ -153,14 +150,6 @@ def test_fps_takes_the_frame_shown_at_each_output_time(tmp_path):
     )
 
 
-COLOUR_SOURCES = {
-    "full_mjpeg.avi": lambda p: write_full_range(p, codec="mjpeg"),
-    "full_h264.mp4": lambda p: write_full_range(p, codec="h264"),
-    "hevc10_bt2020.mp4": lambda p: write_10bit(p, kind="hevc"),
-    "prores10_bt709.mov": lambda p: write_10bit(p, kind="prores"),
-    "bt601.mp4": write_bt601,
-    "bt709.mp4": write_bt709,
-}
 COLOUR_TOLERANCE = (
     7.5  # of 255, per patch mean: 4:2:0 chroma, the colour pass at 64 px, VP9 at CRF 32 (measured: <= 6.4)
 )

@@ -133,7 +133,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     from ingest.storage import Store
     from ingest.synth import write_benchmark
     from ingest.tokens import TokensError, ingest_tokens
-    from train.runlog import read_log
+    from train.runlog import eval_records, read_log
 
     logs = out / "logs"
     print(
@@ -236,7 +236,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
     print("6/6 figure: one clip, its priorities, masks and reconstructions", flush=True)
     figure, accuracy = draw(data, tokens.tokenizer_id, tok_run / "tokenizer", mae_run / "export", out)
     tok_log, mae_log = read_log(tok_run / "train_log.jsonl"), read_log(mae_run / "train_log.jsonl")
-    evals = [{"step": r["step"], **r["eval"]} for r in mae_log if "eval" in r]
+    evals = eval_records(mae_log)
     eval_png = save_eval_curve(
         evals, out / "lvmae_demo_eval.png", "the health probe inside the demo's LVMAE run"
     )

@@ -4,6 +4,7 @@ log = TrainLog(run / LOG_FILE, enabled=rank == 0)
 log.truncate(step)      # on resume: lines past the checkpoint's step are dropped
 log.write({"step": 1, "loss": ...})
 read_log(run / LOG_FILE)  # the records (a line cut short by a kill is skipped)
+eval_records(records)   # the in-run probe's figures, each with its step
 """
 
 from __future__ import annotations
@@ -53,3 +54,9 @@ def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return out
+
+
+def eval_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The health probe's figures in a log's records (train.health; step 0 has a line of its own), each
+    with its step, in order."""
+    return [{"step": r["step"], **r["eval"]} for r in records if "eval" in r]

@@ -50,7 +50,7 @@ from train.loader import ClipLoader
 from train.metrics import TrainMetrics, peak_memory_bytes, write_targets
 from train.resume import check_resumed_model, pick_checkpoint
 from train.rundir import RunDir
-from train.runlog import LOG_FILE, TrainLog, read_log
+from train.runlog import LOG_FILE, TrainLog, eval_records, read_log
 from train.stream import READ_AHEAD_BATCHES, join_readers, prefetch
 from train.tasks import Task
 
@@ -410,7 +410,7 @@ class Trainer:
             "loader": dict(self.loader.stats),
         }
         if self.health is not None and dist.rank == 0:  # the log holds every eval, also before a resume
-            evals = [{"step": r["step"], **r["eval"]} for r in read_log(self.out / LOG_FILE) if "eval" in r]
+            evals = eval_records(read_log(self.out / LOG_FILE))
             summary["eval"] = {"first": evals[0], "last": evals[-1], "best": self.ckpts.best}
         if dist.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

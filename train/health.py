@@ -151,19 +151,18 @@ class HealthProbe:
 
         loader, rank, world = self.loaders[split], self.dist.rank, self.dist.world_size
         loader.load_state_dict({"epoch": 0, "consumed": 0, "batches": 0})
-        feats, labels, taken, forwards, video = [], [], 0, 0, None
-        for b, batch in enumerate(loader):
+        feats, labels, taken, batches, last = [], [], 0, 0, None
+        for batch in loader:
             n = min(len(batch["keys"]), self.cfg.max_clips - taken)
             if n <= 0:
                 break
-            taken += n
-            video = video_to(self.centre(batch["video"][:n]), device, dtype)
-            if b % world == rank:
+            if batches % world == rank:  # only this rank's batches go to the device
+                video = video_to(self.centre(batch["video"][:n]), device, dtype)
                 feats.append(self.task.features(model, video).float().cpu())
                 labels.append(batch["labels"][:n])
-                forwards += 1
-        for _ in range(math.ceil(math.ceil(taken / loader.batch_size) / world) - forwards):
-            self.task.features(model, video[:1])  # the same number of forwards on every rank (ZeRO-3)
+            taken, batches, last = taken + n, batches + 1, batch["video"][:1]
+        for _ in range(math.ceil(batches / world) - len(feats)):  # the same number of forwards on every
+            self.task.features(model, video_to(self.centre(last), device, dtype))  # rank (ZeRO-3)
         mine = (torch.cat(feats) if feats else None, torch.cat(labels) if labels else None)
         if world == 1:
             return mine

@@ -26,12 +26,15 @@ from train_data import (
     launch,
     losses,
     mae_args,
+    tiny_mae_args,
 )
 
 from ingest.tokens import ingest_tokens
 from lvmae.tokenizer import load_tokenizer
 from lvmae.weights import load_mae
 from lvmae_cli.launch_cmd import launcher_command
+from train.config import OptimConfig
+from train.engine import lr_at, scaled_optim
 from train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +179,10 @@ def test_bf16_run_exports_float32_weights(data, tmp_path: Path):
         (["model.target.fsq_levels=[8,8,8]"], r"model.target.fsq_levels: \[8, 8, 8\] differs"),
         (["model.video.num_frames=16"], r"model.video: the model takes 16 frames of 32 px, but the clips"),
         (["run.out=nosuch://bucket/run"], r"run.out: unknown storage protocol 'nosuch'"),
+        (  # at engine build, once the global batch is known: 1.5e-4 x 2 / 256 is below min_lr 1e-5
+            ["optim.lr=1.5e-4", "optim.lr_reference_batch=256"],
+            r"optim.min_lr: 1e-05 is above the run's peak lr 1.17e-06",
+        ),
     ],
 )
 def test_user_errors_are_one_clear_line(data, tmp_path: Path, extra: list[str], message: str):
@@ -256,3 +263,26 @@ def test_zero_stage_1_trains_resumes_exactly_and_exports(data, tmp_path: Path):
     wa, wb = load_file(a / "export/model.safetensors"), load_file(b / "export/model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert load_mae(a / "export") is not None
+
+
+@pytest.mark.slow
+def test_a_resume_at_another_global_batch_takes_its_scaled_lr(data, tmp_path: Path):
+    """optim.lr_reference_batch: the peak lr follows the global batch, on resume too (the checkpoint brings
+    the schedule's step, not its rates). One rank: 2 clips a step to step 4, then resumed at 4 a step."""
+    out = tmp_path / "run"
+    optim = ["optim.lr=1e-3", "optim.lr_reference_batch=2", "optim.warmup_steps=2", "optim.total_steps=8"]
+    first = tiny_mae_args(data, out, *optim, "run.steps=4", "run.checkpoint_every=4")
+    then = [*tiny_mae_args(data, out, *optim, "run.steps=8", "data.batch_size=4"), "--resume", "auto"]
+    texts = []
+    for args in (first, then):
+        run = subprocess.run(
+            [*LVMAE, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        texts.append(run.stdout)
+    assert "batch 2/rank, peak lr 0.001," in texts[0] and "batch 4/rank, peak lr 0.002," in texts[1]
+    cfg = OptimConfig(lr=1e-3, lr_reference_batch=2, min_lr=1e-5, warmup_steps=2, total_steps=8)
+    logged = {step: lr for step, _, lr in losses(out)}
+    assert sorted(logged) == list(range(1, 9))
+    for step, lr in logged.items():  # the lr a step ran at: the schedule's before it
+        assert lr == pytest.approx(lr_at(step - 1, scaled_optim(cfg, 2 if step <= 4 else 4)), rel=1e-12)

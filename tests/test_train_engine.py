@@ -8,6 +8,7 @@ repository's .cache/torch_extensions, so later runs skip it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -30,7 +31,15 @@ from train.config import (
     load_train_config,
     saved_yaml,
 )
-from train.engine import deepspeed_config, default_extensions_dir, lr_at
+from train.engine import (
+    build_optimizer,
+    deepspeed_config,
+    default_extensions_dir,
+    effective_lr,
+    follow_schedule,
+    lr_at,
+    scaled_optim,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_RECIPES = sorted((REPO / "configs").glob("tokenizer_*.yaml"))
@@ -132,6 +141,8 @@ def test_activation_checkpointing_reaches_both_transformers() -> None:
         ("data.decoder=ffmpeg", "data.decoder"),
         ("data.batch_size=0", "data.batch_size"),
         ("optim.min_lr=1.0", "optim.min_lr"),
+        ("optim.lr_reference_batch=-1", "optim.lr_reference_batch"),
+        ("optim.lr_reference_batch=many", "optim.lr_reference_batch"),
         ("optim.warmup_steps=1000000", "optim.warmup_steps"),
         ("run.steps=1000000", "run.steps"),
         ("model.masking.decoder=nope", "model.masking.decoder"),
@@ -169,6 +180,120 @@ def test_lr_schedule_without_warmup() -> None:
     cfg = OptimConfig(lr=2e-4, min_lr=0.0, warmup_steps=0, total_steps=50)
     assert lr_at(0, cfg) == pytest.approx(2e-4)
     assert lr_at(50, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- learning rate scaled with the global batch -------------------------------------------------
+
+
+def test_effective_lr_scales_with_the_global_batch() -> None:
+    base = OptimConfig(lr=1.5e-4, lr_reference_batch=256)
+    assert effective_lr(base, 256) == pytest.approx(1.5e-4)
+    assert effective_lr(base, 512) == pytest.approx(3e-4)
+    assert effective_lr(base, 4) == pytest.approx(1.5e-4 * 4 / 256)
+    fixed = OptimConfig(lr=1e-3)  # lr_reference_batch 0, the default: the rate as given
+    assert all(effective_lr(fixed, b) == 1e-3 for b in (1, 4, 512))
+
+
+def test_scaled_optim_keeps_min_lr_absolute_and_the_schedule_follows_the_scaled_peak() -> None:
+    cfg = OptimConfig(lr=1.5e-4, lr_reference_batch=256, min_lr=1e-6, warmup_steps=10, total_steps=100)
+    scaled = scaled_optim(cfg, 512)
+    assert (scaled.lr, scaled.lr_reference_batch, scaled.min_lr) == (pytest.approx(3e-4), 0, 1e-6)
+    assert (scaled.warmup_steps, scaled.total_steps) == (10, 100)
+    assert cfg.lr == 1.5e-4  # the config itself is left as written
+    assert lr_at(5, scaled) == pytest.approx(1.5e-4)  # half way up the warmup to 3e-4
+    assert lr_at(10, scaled) == pytest.approx(3e-4) and lr_at(100, scaled) == pytest.approx(1e-6)
+    unscaled = OptimConfig(lr=1e-3, min_lr=1e-5)
+    assert scaled_optim(unscaled, 64) == unscaled  # lr_reference_batch 0: today's schedule, unchanged
+
+
+def test_a_scaled_lr_below_min_lr_is_one_config_error() -> None:
+    # With a reference batch, lr is a base rate: a min_lr above it is fine until the world size is known.
+    cfg = load_train_config(
+        [REPO / "configs/demo_cpu.yaml"],
+        ["data.tokens=fsq-x", "optim.lr=1.5e-4", "optim.lr_reference_batch=256", "optim.min_lr=1e-5"],
+    )
+    assert scaled_optim(cfg.optim, 64).lr == pytest.approx(3.75e-5)
+    below = r"^optim\.min_lr: 1e-05 is above the run's peak lr 2\.34e-06"  # 1.5e-4 x 4 / 256
+    with pytest.raises(ConfigError, match=below) as err:
+        scaled_optim(cfg.optim, 4)
+    assert "\n" not in str(err.value) and "optim.lr_reference_batch 256" in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "lr_at_64_ranks"), [("vitb_128f", 3e-4), ("vitl_128f", 1.5e-4)])
+def test_large_recipes_scale_lr_as_videomae(name: str, lr_at_64_ranks: float) -> None:
+    """VideoMAE's base rate 1.5e-4 per 256 clips: at 64 ranks, the fixed rates these recipes had."""
+    cfg = load_train_config([REPO / f"configs/{name}.yaml"], REQUIRED)
+    assert (cfg.optim.lr, cfg.optim.lr_reference_batch) == (1.5e-4, 256)
+    assert effective_lr(cfg.optim, cfg.data.batch_size * 64) == pytest.approx(lr_at_64_ranks)
+    assert effective_lr(cfg.optim, cfg.data.batch_size * 8) == pytest.approx(lr_at_64_ranks / 8)
+
+
+def _two_scale_model() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    torch.nn.init.constant_(model[0].weight, 0.1)
+    torch.nn.init.constant_(model[1].weight, 0.1)
+    return model
+
+
+def _head_full_rate(name: str) -> float:  # layer-wise decay, as a fine-tune's: the first layer at half rate
+    return 1.0 if name.startswith("1.") else 0.5
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, steps: int) -> None:
+    for _ in range(steps):
+        model(torch.ones(2, 4)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+
+
+def test_every_param_group_follows_the_scaled_schedule() -> None:
+    cfg = OptimConfig(lr=1e-3, lr_reference_batch=4, min_lr=1e-5, warmup_steps=2, total_steps=10)
+    scaled = scaled_optim(cfg, 16)  # a peak of 4e-3
+    model = _two_scale_model()
+    optimizer, scheduler = build_optimizer(model, scaled, _head_full_rate)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0] * 4  # warmup starts at 0
+    for step in range(1, 11):
+        _train(model, optimizer, scheduler, 1)
+        full, half = sorted({g["lr"] for g in optimizer.param_groups}, reverse=True)
+        assert full == pytest.approx(lr_at(step, scaled)) and half == pytest.approx(0.5 * full)
+    assert scheduler.base_lrs == pytest.approx([4e-3, 4e-3, 2e-3, 2e-3])
+
+
+@pytest.mark.parametrize("new_batch", [4, 8])
+def test_a_resumed_schedule_takes_this_runs_rate(new_batch: int) -> None:
+    """LambdaLR.load_state_dict restores the checkpoint's base_lrs; follow_schedule puts back the ones of
+    this run's config (here: a global batch of 8 instead of 4 doubles the peak), at the restored step.
+    At the same batch the resumed run is bit for bit the one that never stopped."""
+    cfg = OptimConfig(lr=1e-3, lr_reference_batch=4, min_lr=1e-5, warmup_steps=2, total_steps=10)
+    old = scaled_optim(cfg, 4)
+    model = _two_scale_model()
+    optimizer, scheduler = build_optimizer(model, old, _head_full_rate)
+    _train(model, optimizer, scheduler, 5)
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    saved = {k: copy.deepcopy(v) for k, v in saved.items()}
+
+    new = scaled_optim(cfg, new_batch)
+    model2 = _two_scale_model()
+    model2.load_state_dict(model.state_dict())
+    optimizer2, scheduler2 = build_optimizer(model2, new, _head_full_rate)
+    fresh = list(scheduler2.base_lrs)
+    optimizer2.load_state_dict(saved["optimizer"])
+    scheduler2.load_state_dict(saved["scheduler"])
+    assert scheduler2.base_lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])  # the checkpoint's rates
+    follow_schedule(scheduler2, fresh)
+    assert scheduler2.last_epoch == 5 and scheduler2.base_lrs == fresh
+    full = lr_at(5, new)
+    lrs = [full, full, 0.5 * full, 0.5 * full]
+    assert [g["lr"] for g in optimizer2.param_groups] == pytest.approx(lrs)
+    assert scheduler2.get_last_lr() == pytest.approx(lrs)
+    _train(model2, optimizer2, scheduler2, 1)
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(lr_at(6, new))
+    if new_batch == 4:  # the same run: identical lrs and weights to one that never stopped
+        _train(model, optimizer, scheduler, 1)
+        assert [g["lr"] for g in optimizer2.param_groups] == [g["lr"] for g in optimizer.param_groups]
+        assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
 
 
 # --- DeepSpeed config -----------------------------------------------------------------------------

@@ -216,8 +216,9 @@ class Checkpoints:
             shutil.rmtree(self.dir / step_name(step), ignore_errors=True)
 
     def load(self, engine: Any, path: Path) -> tuple[int, dict[str, Any]]:
-        """Collective. Restore the engine (parameters, optimizer, lr scheduler) and this process's RNG
-        states from checkpoint `path`; -> (its step, this rank's saved state, e.g. the loader's)."""
+        """Collective. Restore the engine (parameters, optimizer, the lr schedule's step; its rates stay
+        this run's, train.engine.follow_schedule) and this process's RNG states from checkpoint `path`;
+        -> (its step, this rank's saved state, e.g. the loader's)."""
         meta_path = path / META
         if not meta_path.is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
@@ -230,11 +231,15 @@ class Checkpoints:
         rank_file = path / f"rank-{self.rank:05d}.json"
         if not rank_file.is_file():
             raise CheckpointError(f"{path} has no state for rank {self.rank} ({rank_file.name})")
+        from train.engine import follow_schedule
+
+        base_lrs = list(engine.lr_scheduler.base_lrs)  # this run's rates: its config at its world size
         load_path, _ = engine.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path}")
+        follow_schedule(engine.lr_scheduler, base_lrs)  # the step comes from the checkpoint, the rates do not
         state = json.loads(rank_file.read_text())
         set_rng_state(state.pop("rng"))
         return int(meta["step"]), state

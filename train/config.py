@@ -72,6 +72,10 @@ class OptimConfig:
     """AdamW with linear warmup then cosine decay to min_lr (see train.engine.lr_at)."""
 
     lr: float = 1.5e-4
+    # 0: lr is the peak rate, whatever the batch. N > 0: lr is the rate at a global batch of N, and the run
+    # uses lr x global batch / N (global batch: data.batch_size x ranks), MAE's and VideoMAE's rule with
+    # N = 256 (train.engine.effective_lr). min_lr stays absolute.
+    lr_reference_batch: int = 0
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -81,7 +85,15 @@ class OptimConfig:
 
     def validate(self, prefix: str = "optim") -> None:
         check(self.lr > 0, f"{prefix}.lr", "must be positive")
-        check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]")
+        check(
+            self.lr_reference_batch >= 0,
+            f"{prefix}.lr_reference_batch",
+            "must be >= 0 (0: lr as given; N: lr is the rate at a global batch of N)",
+        )
+        if self.lr_reference_batch == 0:
+            check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]")
+        else:  # against the scaled rate once the world size is known (train.engine.scaled_optim)
+            check(self.min_lr >= 0, f"{prefix}.min_lr", "must be >= 0")
         check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
         check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),

@@ -7,17 +7,19 @@
     loss = mae_loss(...); engine.backward(loss); engine.step()   # clip, AdamW step, lr schedule
 
 The model knows nothing of parallelism; ZeRO stage, precision and clipping all come from
-`deepspeed_config(cfg, world_size)`.
+`deepspeed_config(cfg, world_size)`, and the peak learning rate from `effective_lr` (optim.lr, or scaled
+with the global batch when optim.lr_reference_batch is set).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lvmae.config import check
 from train.config import OptimConfig, TrainConfig
 
 # Parameters named like these are never weight-decayed (with biases and norm weights: anything 1-D).
@@ -44,6 +47,43 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
 
 def _lr_factor(step: int, cfg: OptimConfig) -> float:
     return lr_at(step, cfg) / cfg.lr
+
+
+def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The peak learning rate of a run of `global_batch` clips a step (data.batch_size x ranks): cfg.lr
+    when cfg.lr_reference_batch is 0, else the linear scaling rule, cfg.lr x global_batch /
+    cfg.lr_reference_batch (MAE and VideoMAE: base rate 1.5e-4 at a reference batch of 256)."""
+    if cfg.lr_reference_batch == 0:
+        return cfg.lr
+    return cfg.lr * global_batch / cfg.lr_reference_batch
+
+
+def scaled_optim(cfg: OptimConfig, global_batch: int) -> OptimConfig:
+    """cfg with lr replaced by effective_lr (and lr_reference_batch 0): the schedule the run follows.
+    min_lr stays absolute: ConfigError when the scaled peak falls below it."""
+    lr = effective_lr(cfg, global_batch)
+    check(
+        cfg.min_lr <= lr,
+        "optim.min_lr",
+        f"{cfg.min_lr:g} is above the run's peak lr {lr:.3g} (optim.lr {cfg.lr:g} x global batch "
+        f"{global_batch} / optim.lr_reference_batch {cfg.lr_reference_batch}): lower optim.min_lr or raise "
+        "optim.lr",
+    )
+    return dataclasses.replace(cfg, lr=lr, lr_reference_batch=0)
+
+
+def follow_schedule(scheduler: LambdaLR, base_lrs: Sequence[float]) -> None:
+    """After a checkpoint's scheduler state is loaded: put back this run's base rates (its config at its
+    world size), and set each group's lr to the schedule's value at the restored step. LambdaLR's
+    load_state_dict restores the checkpoint's base_lrs: without this, a run resumed at another global
+    batch or optim.lr would keep the old peak. Where they are the same, the lrs are those LambdaLR.step
+    computed (base x factor), bit for bit."""
+    scheduler.base_lrs = list(base_lrs)
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
 
 def resolve_precision(precision: str) -> str:
@@ -120,12 +160,11 @@ def param_groups(
     ]
 
 
-def build_engine(
-    model: nn.Module, cfg: TrainConfig, world_size: int, lr_scale: Callable[[str], float] | None = None
-) -> tuple[Any, Any, LambdaLR]:
-    """-> (engine, optimizer, scheduler): a DeepSpeed engine over `model` with a client AdamW and the
-    warmup-cosine LambdaLR (each group's lr follows it, in proportion), stepped by `engine.step()`."""
-    o = cfg.optim
+def build_optimizer(
+    model: nn.Module, o: OptimConfig, lr_scale: Callable[[str], float] | None = None
+) -> tuple[torch.optim.AdamW, LambdaLR]:
+    """AdamW over param_groups and its warmup-cosine LambdaLR, peaking at o.lr (as given: build_engine
+    passes scaled_optim's)."""
     optimizer = torch.optim.AdamW(
         param_groups(model, o.weight_decay, o.lr, lr_scale),
         lr=o.lr,
@@ -133,7 +172,17 @@ def build_engine(
         weight_decay=o.weight_decay,
     )
     # A partial (not a closure) so that LambdaLR.state_dict can save and restore it.
-    scheduler = LambdaLR(optimizer, functools.partial(_lr_factor, cfg=o))
+    return optimizer, LambdaLR(optimizer, functools.partial(_lr_factor, cfg=o))
+
+
+def build_engine(
+    model: nn.Module, cfg: TrainConfig, world_size: int, lr_scale: Callable[[str], float] | None = None
+) -> tuple[Any, Any, LambdaLR]:
+    """-> (engine, optimizer, scheduler): a DeepSpeed engine over `model` with a client AdamW and the
+    warmup-cosine LambdaLR to the peak effective_lr at this world size (each group's lr follows it, in
+    proportion), stepped by `engine.step()`. ConfigError when that peak is below optim.min_lr."""
+    optim = scaled_optim(cfg.optim, cfg.data.batch_size * world_size)
+    optimizer, scheduler = build_optimizer(model, optim, lr_scale)
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -228,9 +277,12 @@ def release_shm_buffer() -> None:
 
 __all__ = [
     "build_engine",
+    "build_optimizer",
     "consolidated_state",
     "deepspeed_config",
+    "effective_lr",
     "export_state_dict",
+    "follow_schedule",
     "full_state_dict",
     "init_distributed",
     "load_full_state",
@@ -238,4 +290,5 @@ __all__ = [
     "model_init_context",
     "param_groups",
     "resolve_precision",
+    "scaled_optim",
 ]

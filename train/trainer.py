@@ -40,6 +40,7 @@ from train.decoders import ships_uint8, video_to
 from train.dist import Dist, every_rank_has, join_process_group
 from train.engine import (
     build_engine,
+    effective_lr,
     export_state_dict,
     load_full_state,
     model_init_context,
@@ -236,10 +237,11 @@ class Trainer:
         """Train to run.steps, export, write the summary; -> the summary (rank 0's figures)."""
         cfg, dist = self.cfg, self.dist
         n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.engine.module.parameters())
+        peak_lr = effective_lr(cfg.optim, cfg.data.batch_size * dist.world_size)
         self.say(
             f"lvmae train {self.task.name}: {n_params / 1e6:.2f} M parameters, {dist.world_size} rank(s), "
             f"ZeRO-{cfg.run.zero_stage}, {self.precision}, {self.device.type}, batch {cfg.data.batch_size}"
-            f"/rank, steps {self.step} -> {cfg.run.steps}, out {self.run_dir}"
+            f"/rank, peak lr {peak_lr:.3g}, steps {self.step} -> {cfg.run.steps}, out {self.run_dir}"
         )
         self.started, self.first_step = time.perf_counter(), self.step
         # decoding the next batches overlaps this step

@@ -152,20 +152,31 @@ class MaskingConfig:
     # Fraction of ALL tokens the decoder reconstructs (ignored by `all`, which takes every masked token).
     decoder_budget: float = 0.15
     running_cell_size: int = 2
+    # What `adaptive` ranks tokens by (lvmae.priority.PRIORITY_SOURCES): the tokenizer's learned score
+    # (LVMAE), the frame difference, or both combined by rank.
+    priority: str = "learned"
 
     @property
     def needs_priority(self) -> bool:
-        """Whether the decoder masking ranks tokens by the tokenizer's priority (then a run needs a token
-        set: data.tokens)."""
+        """Whether the decoder masking ranks tokens by a per-token priority."""
         from lvmae.masking import DECODER_MASKINGS
 
         return DECODER_MASKINGS[self.decoder].needs_priority
 
+    @property
+    def needs_token_priority(self) -> bool:
+        """Whether that priority reads the tokenizer's scores (then a run needs a token set: data.tokens)."""
+        from lvmae.priority import PRIORITY_SOURCES
+
+        return self.needs_priority and PRIORITY_SOURCES[self.priority].needs_tokens
+
     def validate(self, prefix: str = "masking") -> None:
         from lvmae.masking import DECODER_MASKINGS, ENCODER_MASKINGS
+        from lvmae.priority import PRIORITY_SOURCES
 
         check_choice(self.encoder, f"{prefix}.encoder", tuple(ENCODER_MASKINGS))
         check_choice(self.decoder, f"{prefix}.decoder", tuple(DECODER_MASKINGS))
+        check_choice(self.priority, f"{prefix}.priority", tuple(PRIORITY_SOURCES))
         check(0.0 < self.encoder_ratio < 1.0, f"{prefix}.encoder_ratio", "must be in (0, 1)")
         check(0.0 < self.decoder_budget <= 1.0, f"{prefix}.decoder_budget", "must be in (0, 1]")
         check(self.running_cell_size >= 2, f"{prefix}.running_cell_size", "must be at least 2")

@@ -233,11 +233,12 @@ class TrainConfig:
     def validate(self) -> None:
         self.model.validate("model")
         validate_training(self.data, self.optim, self.run, self.eval)
-        if self.model.target.kind == "tokens" or self.model.masking.needs_priority:
+        if self.model.target.kind == "tokens" or self.model.masking.needs_token_priority:
             check(
                 self.data.tokens is not None,
                 "data.tokens",
-                "token targets and adaptive decoder masking need a token set: the tokenizer id under tokens/",
+                "token targets and the tokenizer's priority (model.masking.priority) need a token set: the "
+                "tokenizer id under tokens/",
             )
 
     def model_config(self) -> MAEConfig:

@@ -22,6 +22,7 @@ from lvmae.config import ConfigError, MAEConfig
 from lvmae.heads import ENCODER_PREFIX, check_encoder_state
 from lvmae.losses import mae_loss
 from lvmae.mae import MaskedVideoAutoencoder
+from lvmae.priority import token_priority
 from lvmae.tokenizer import Tokenizer, save_tokenizer, tokenizer_loss
 from lvmae.weights import save_mae
 from train.config import TokenizerTrainConfig, TrainConfig
@@ -143,8 +144,8 @@ class MAETask(Task):
         self.model_cfg = cfg.model_config()
         tgt, masking = self.model_cfg.target, self.model_cfg.masking
         self.needs_codes = tgt.kind == "tokens"
-        self.needs_priority = masking.needs_priority
-        self.tokens = cfg.data.tokens if (self.needs_codes or self.needs_priority) else None
+        self.masking = masking
+        self.tokens = cfg.data.tokens if (self.needs_codes or masking.needs_token_priority) else None
         self.tokens_per_sample = self.model_cfg.video.num_tokens
         self.init_from = cfg.model.init_from
         self._init_state: dict[str, torch.Tensor] | None = None
@@ -208,7 +209,12 @@ class MAETask(Task):
     ) -> torch.Tensor:
         """gen draws the masks."""
         module = getattr(model, "module", model)
-        priority = batch.get("priority") if self.needs_priority else None
+        priority = None
+        if self.masking.needs_priority:
+            v = self.model_cfg.video
+            priority = token_priority(
+                self.masking.priority, batch.get("priority"), video, v.tubelet_size, v.patch_size
+            )
         plan = module.plan(video.shape[0], gen, priority, video.device)
         out = model(video, plan=plan)
         return mae_loss(self.model_cfg, out, video=video, codes=batch.get("codes"))

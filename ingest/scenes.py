@@ -1,8 +1,9 @@
 """Procedural clips where only part of the scene changes, with the ground truth of what changed.
 
-A textured background stays still (the camera does not move); a few textured objects slide across it
-and a few small patches flicker. Everything else is static, so the pixels that change between frames are
-known exactly. Used to measure whether a token priority finds what changes (bench/tokenizer_priority.py,
+A textured background stays still; a few textured objects slide across it and a few small patches
+flicker. Everything else is static, so the pixels that change between frames are known exactly. A scene
+may add a camera pan or a flicker of the whole frame's light (SceneSpec): the pixels then change
+everywhere, while the ground truth stays what changes in the scene itself. Used to measure whether a token priority finds what changes (bench/tokenizer_priority.py,
 tests/test_tokenizer_priority.py). Deterministic from a seed.
 
     clip = moving_objects_clip(seed=3, num_frames=16, size=64)
@@ -29,12 +30,19 @@ class SceneSpec:
     # How far an object's colours are pulled towards a saturated colour of its own (0: the same texture
     # statistics as the background; moving things in real scenes tend to differ from what is behind them).
     object_tint: float = 0.0
+    # The camera pans this many frame sides to the right over the clip: the background slides under the
+    # objects, which keep their own motion in the frame.
+    camera_pan: float = 0.0
+    # The whole frame's brightness flickers by up to this share (lighting), a few frames a period.
+    light_flicker: float = 0.0
 
 
 @dataclass
 class SynthClip:
     video: np.ndarray  # (T, H, W, 3) uint8
-    changed: np.ndarray  # (T, H, W) bool
+    # (T, H, W) bool: what changes in the scene (objects, flickering patches) from the frame before, as a
+    # still camera under steady light would see it: a pan or a lighting flicker is not a change of scene.
+    changed: np.ndarray
 
 
 def texture(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
@@ -74,14 +82,21 @@ def moving_objects_clip(
     """One clip: a still textured background, moving textured squares, flickering patches."""
     scene = scene or SceneSpec()
     rng = np.random.default_rng(seed)
-    frames = np.repeat(texture(rng, size, size, 1.0)[None], num_frames, axis=0)  # (T, H, W, 3)
+    pan = round(scene.camera_pan * size)
+    background = texture(rng, size, size + pan, 1.0)
+    # Rendered twice: as the camera sees it (`frames`), and still and steadily lit (`scene_frames`, whose
+    # changes are the ground truth). Without a pan or a lighting flicker the two are the same.
+    offsets = np.round(np.linspace(0, pan, num_frames)).astype(int)
+    frames = np.stack([background[:, o : o + size] for o in offsets])  # (T, H, W, 3)
+    scene_frames = np.repeat(background[None, :, :size], num_frames, axis=0)
 
     for _ in range(rng.integers(scene.num_flickers[0], scene.num_flickers[1] + 1)):
         side = max(2, round(rng.uniform(*scene.flicker_size) * size))
         y, x = rng.integers(0, size - side + 1, size=2)
         period = rng.uniform(3, 8)  # frames
         gain = 1 + 0.6 * np.sin(2 * np.pi * np.arange(num_frames) / period + rng.uniform(0, 2 * np.pi))
-        frames[:, y : y + side, x : x + side] *= gain[:, None, None, None]
+        for f in (frames, scene_frames):
+            f[:, y : y + side, x : x + side] *= gain[:, None, None, None]
 
     for _ in range(rng.integers(scene.num_objects[0], scene.num_objects[1] + 1)):
         side = max(2, round(rng.uniform(*scene.object_size) * size))
@@ -94,10 +109,16 @@ def moving_objects_clip(
         step = np.array([np.sin(angle), np.cos(angle)]) * dist / max(1, num_frames - 1)
         for f, (y, x) in enumerate(bounce_path(start, step, num_frames, size - side)):
             frames[f, y : y + side, x : x + side] = tex
+            scene_frames[f, y : y + side, x : x + side] = tex
 
+    if scene.light_flicker:
+        period, phase = rng.uniform(3, 8), rng.uniform(0, 2 * np.pi)
+        light = 1 + scene.light_flicker * np.sin(2 * np.pi * np.arange(num_frames) / period + phase)
+        frames = frames * light[:, None, None, None]
     video = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    still = (np.clip(scene_frames, 0, 1) * 255).round().astype(np.uint8)
     changed = np.zeros(video.shape[:3], dtype=bool)
-    changed[1:] = (video[1:] != video[:-1]).any(-1)
+    changed[1:] = (still[1:] != still[:-1]).any(-1)
     return SynthClip(video, changed)
 
 

@@ -55,7 +55,7 @@ demo: venv
 	$(BIN)/python -m lvmae_cli.demo --out $(DEMO_OUT) --store $(STORE)
 
 # About 40 minutes on the 2-core CPU machines (docs/benchmarks.md); ingest_throughput needs Debian's ffmpeg.
-# The ablations run in their quick mode here; the full table (42 minutes): bench/ablations.py.
+# The ablations run in their quick mode here; the full table: bench/ablations.py (bench/README.md).
 bench: venv
 	$(BIN)/python bench/fig1_memory.py
 	$(BIN)/python bench/plan_check.py

@@ -31,6 +31,9 @@ def test_demo_runs_end_to_end_with_few_steps(tmp_path, store):
     # the pretrained encoder exports to transformers' VideoMAEModel with the same features
     assert summary["hf_export"]["max_abs_diff"] < 1e-4, summary["hf_export"]
     assert "probe on `order` (6 held-out test clips" in run.stdout
+    # A priority that does not follow motion is said so, with where to read why.
+    follows = summary["tokenizer_eval"]["priority"]["frame_diff_spearman"] >= 0.3
+    assert follows != ("has not learned to follow motion yet" in run.stdout)
     assert summary["store"] == (str(out / "data") if store == "local" else "s3://lvmae-demo/data")
     art = summary["artefacts"]
     if store == "local":

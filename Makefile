@@ -28,10 +28,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian's Prometheus server and promtool, for the monitoring tests (installed when we are root).
+# Debian's Prometheus server and promtool, for the monitoring tests; ffmpeg; Slurm and munge, for the
+# tests that start a one-node Slurm cluster (tests/test_slurm.py). Installed when we are root.
 tools:
 	@missing=""; command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
+	command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ] || missing="$$missing slurm-wlm"; \
+	command -v munged >/dev/null || [ -x /usr/sbin/munged ] || missing="$$missing munge"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

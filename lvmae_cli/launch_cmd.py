@@ -1,9 +1,10 @@
 """`lvmae launch`: start a training run's ranks (`lvmae train ...` in each) with DeepSpeed's launcher or
-torchrun, on this machine or on the hosts of a hostfile.
+torchrun, on this machine or on the hosts of a hostfile; or, under Slurm, become one rank per task.
 
     lvmae launch --nproc 2 -- train mae configs/demo_cpu.yaml data.tokens=fsq-...  # 2 ranks, deepspeed
     lvmae launch --hostfile ops/hostfile.example -- train mae configs/vitb_128f.yaml data.url=s3://...
     lvmae launch --launcher torchrun --nproc 2 -- finetune configs/finetune_demo_cpu.yaml ...
+    srun lvmae launch --launcher slurm -- train mae configs/vitb_128f.yaml ...  # ops/slurm/pretrain.sbatch
 
 The rank command is parsed and its config checked here, once, rather than failing in every rank.
 """
@@ -22,6 +23,10 @@ from typing import Any
 from lvmae.errors import UserError
 from lvmae_cli.train_cmd import add_train_parser, load_task
 
+# What starts the ranks: deepspeed and torchrun start them from here; under slurm, srun has started one
+# `lvmae launch` per task and each becomes a rank (train.slurm maps Slurm's variables to the rank's).
+LAUNCHERS = ("deepspeed", "torchrun", "slurm")
+
 
 def launcher_command(
     launcher: str,
@@ -35,7 +40,10 @@ def launcher_command(
     master_port: int = 29500,
 ) -> list[str]:
     """The command that starts `lvmae REST...` on nproc processes per node (a pure function). With a
-    hostfile and nproc None, each node runs as many processes as its `slots`."""
+    hostfile and nproc None, each node runs as many processes as its `slots`. Under Slurm, srun has
+    started the processes already: the command is the rank itself."""
+    if launcher == "slurm":
+        return [sys.executable, "-m", "lvmae_cli", *rest]
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc or 1}"]
         cmd += [f"--nnodes={num_nodes or 1}", f"--master_port={master_port}"]
@@ -83,6 +91,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         )
     # Parse and check the rank command here, once, rather than fail in every rank.
     parsed = rank_parser().parse_args(rest)
+    if args.launcher == "slurm":  # each task is a rank, which checks its config itself
+        return exec_slurm_task(args, rest)
     load_task(parsed.kind, parsed.config)
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
@@ -96,7 +106,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         num_nodes=args.num_nodes,
         node_rank=args.node_rank,
         master_addr=args.master_addr,
-        master_port=args.master_port,
+        master_port=29500 if args.master_port is None else args.master_port,
     )
     env = {**os.environ, "LVMAE_LAUNCHED": "1"}  # ranks stop when their launcher dies
     if "OMP_NUM_THREADS" not in env and not args.hostfile:
@@ -117,14 +127,41 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise
 
 
+def exec_slurm_task(args: argparse.Namespace, rest: list[str]) -> int:
+    """Become this Slurm task's rank: its variables from Slurm's (train.slurm), then exec `lvmae REST...`
+    in place, so that the signals Slurm sends the task (preemption, time limit) reach the rank itself."""
+    from train.slurm import rank_env
+
+    flags = {"--nproc": args.nproc, "--hostfile": args.hostfile, "--num-nodes": args.num_nodes}
+    given = [flag for flag, value in {**flags, "--node-rank": args.node_rank}.items() if value is not None]
+    if given:
+        raise UserError(
+            f"{', '.join(given)}: not with --launcher slurm, where the allocation sets the ranks "
+            "(sbatch --nodes, --ntasks-per-node)"
+        )
+    env = {**os.environ, "LVMAE_LAUNCHED": "1"}  # a rank whose slurmstepd dies stops too
+    env.update(rank_env(os.environ, master_addr=args.master_addr, port=args.master_port))
+    cmd = launcher_command("slurm", None, rest)
+    print(
+        f"lvmae launch: rank {env['RANK']} of {env['WORLD_SIZE']} (local rank {env['LOCAL_RANK']}, "
+        f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']}): " + " ".join(cmd),
+        flush=True,
+    )
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached: exec replaced this process
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "launch",
-        help="start a training run's ranks with the deepspeed launcher (or torchrun)",
+        help="start a training run's ranks with the deepspeed launcher, torchrun or Slurm",
         description="Start `lvmae train ...` on several processes: --nproc per node (GPUs, or CPU "
-        "processes), on this machine or on the hosts of a DeepSpeed hostfile (see ops/hostfile.example).",
+        "processes), on this machine or on the hosts of a DeepSpeed hostfile (see ops/hostfile.example). "
+        "With --launcher slurm, run it under srun inside an allocation: each Slurm task becomes one rank "
+        "(see ops/slurm/pretrain.sbatch).",
     )
-    p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
     p.add_argument(
         "--nproc",
         type=int,
@@ -136,6 +173,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--num-nodes", type=int, help="use the first N hosts of the hostfile (torchrun: N nodes)")
     p.add_argument("--node-rank", type=int, help="torchrun on several nodes: this node's rank")
     p.add_argument("--master-addr", help="address of the first node (default 127.0.0.1 on one machine)")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument(
+        "--master-port", type=int, help="default 29500; under Slurm, derived from the job and step ids"
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- train mae|tokenizer RECIPE... [key=value...]")
     p.set_defaults(func=cmd_launch)

@@ -7,3 +7,4 @@ class UserError(Exception):
     # True: the command exits right after its message, without the interpreter's teardown, leaving reads
     # still in flight on an unreachable store (train.trainer.StoreOutage).
     abandon_in_flight = False
+    exit_code = 2  # what the CLI exits with (train.preempt.Preempted: 75, asking for a requeue)

@@ -12,6 +12,7 @@ The rank command is parsed and its config checked here, once, rather than failin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -114,9 +115,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.nproc or 1)))
     print("lvmae launch: " + " ".join(cmd), flush=True)
     # The launcher and its ranks stay in this process group: Ctrl-C in a terminal, or a kill of the group,
-    # reaches every rank. A SIGTERM sent to this process alone is passed on to the launcher.
+    # reaches every rank. A preemption signal sent to this process alone goes to the ranks themselves.
     proc = subprocess.Popen(cmd, env=env)
-    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    for sig in PREEMPT_FORWARDED:
+        signal.signal(sig, lambda signum, frame: forward_to_ranks(proc.pid, signum))
     try:
         return proc.wait()
     except KeyboardInterrupt:  # the ranks got the SIGINT too: give them time to stop
@@ -125,6 +127,46 @@ def cmd_launch(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
+
+
+# Signals this process passes to the ranks, which stop after their step with a checkpoint and exit 75
+# (train.preempt; run.preempt_signals). Not to the launcher: DeepSpeed's and torchrun's kill their ranks
+# 30 s after a SIGTERM and exit 1, which would lose the requeue status, and the checkpoint of a step that
+# takes longer. With the ranks stopped, DeepSpeed's launcher exits with their 75 (torchrun reports any
+# rank's non-zero exit as 1: under torchrun the checkpoint is written but the requeue status is lost).
+PREEMPT_FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def forward_to_ranks(launcher_pid: int, signum: int) -> None:
+    """Send `signum` to the ranks: the topmost `python -m lvmae_cli` processes below the launcher (DeepSpeed's
+    runner starts its per-node launcher, which starts the ranks; torchrun starts them itself)."""
+    todo = [launcher_pid]
+    while todo:
+        for pid in _children(todo.pop()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:  # gone
+                continue
+            if _module(cmdline) == b"lvmae_cli":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            else:
+                todo.append(pid)
+
+
+def _module(cmdline: list[bytes]) -> bytes | None:
+    """The module a `python ... -m MODULE ...` command line runs (the launchers' own command lines name
+    lvmae_cli too, as their ranks' arguments)."""
+    return cmdline[cmdline.index(b"-m") + 1] if b"-m" in cmdline[:-1] else None
+
+
+def _children(pid: int) -> set[int]:
+    """The child processes of `pid` (Linux: /proc lists them per thread; none when it is gone)."""
+    found: set[int] = set()
+    for thread in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found |= set(map(int, (thread / "children").read_text().split()))
+    return found
 
 
 def exec_slurm_task(args: argparse.Namespace, rest: list[str]) -> int:

@@ -63,10 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, ConfigError) as err:
-        print(f"lvmae {args.command}: error: {err}", file=sys.stderr)
+        code = err.exit_code if isinstance(err, UserError) else 2  # 75: preempted, requeue (train.preempt)
+        print(f"lvmae {args.command}: {'error' if code == 2 else 'stopped'}: {err}", file=sys.stderr)
         if isinstance(err, UserError) and err.abandon_in_flight:
-            exit_now(2)
-        return 2
+            exit_now(code)
+        return code
     except KeyboardInterrupt:
         print(f"lvmae {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,11 @@ class RunConfig:
     # Keep the checkpoint of the best in-run probe score (eval.*; checkpoints/best.json names it) beside
     # the last keep_last; an eval that beats the best saves a checkpoint of its step if none is due.
     keep_best: bool = False
+    # Signals that ask the run to stop after its current step with a checkpoint, and exit 75 for a requeue
+    # (train.preempt); preempt_grace_s: the time the scheduler allows between its signal and its kill
+    # (Slurm's --signal lead): a run that takes longer to save says so.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    preempt_grace_s: float = 120.0
 
     def validate(self, prefix: str = "run") -> None:
         check(bool(self.out), f"{prefix}.out", "must name an output directory")
@@ -157,6 +163,14 @@ class RunConfig:
         )
         check(bool(self.metrics_addr), f"{prefix}.metrics_addr", "must be an address")
         check(self.log_every >= 1, f"{prefix}.log_every", "must be a positive integer")
+        for name in self.preempt_signals:
+            check(
+                isinstance(getattr(signal, str(name), None), signal.Signals)
+                and name not in ("SIGKILL", "SIGSTOP"),
+                f"{prefix}.preempt_signals",
+                f"{name!r} is not a signal a process can catch (e.g. SIGTERM, SIGUSR1)",
+            )
+        check(self.preempt_grace_s > 0, f"{prefix}.preempt_grace_s", "must be positive (seconds)")
 
 
 @dataclass

@@ -49,6 +49,7 @@ from train.engine import (
 from train.health import HealthProbe, eval_line
 from train.loader import ClipLoader
 from train.metrics import TrainMetrics, peak_memory_bytes, write_targets
+from train.preempt import Preempted, Preemption, preempted_message
 from train.resume import check_resumed_model, pick_checkpoint
 from train.rundir import RunDir
 from train.runlog import LOG_FILE, TrainLog, eval_records, read_log
@@ -175,6 +176,7 @@ class Trainer:
         self.step = self.restore()
         self.saved = self.step if self.start is not None else -1  # the step of the newest checkpoint
         self.loader_state = self.loader.state_dict()  # where the data of the last step taken ended
+        self.preemption = Preemption(cfg.run.preempt_signals)  # noted now; acted on between steps
 
     # --- build ------------------------------------------------------------------------------------------
 
@@ -257,11 +259,13 @@ class Trainer:
                 ):  # before the step's collectives
                     self.stop_for_outage(outage, batches)
                 record = self.train_step(batch, data_wait_s=time.perf_counter() - t0)  # type: ignore[arg-type]
-                best = None
-                if self.health is not None and self.health.due(self.step, cfg.run.steps):
+                stop, best = self.preemption.agreed(self.tdist, self.device), None
+                if not stop and self.health is not None and self.health.due(self.step, cfg.run.steps):
                     record["eval"] = self.evaluate()
                     best = self.beats_best(record["eval"])
                 self.log_step(record, batch)  # type: ignore[arg-type]
+                if stop:
+                    self.stop_for_preemption(batches)
                 every = cfg.run.checkpoint_every
                 if (every and self.step % every == 0) or self.step == cfg.run.steps or best:
                     self.save_checkpoint()
@@ -270,6 +274,7 @@ class Trainer:
         finally:
             batches.close()
             self.log.close()
+            self.preemption.restore()
         return self.finish(time.perf_counter() - self.started)
 
     def train_step(self, batch: dict[str, Any], data_wait_s: float) -> dict[str, Any]:
@@ -387,6 +392,17 @@ class Trainer:
             f"the checkpoint of step {self.saved} stays" if self.saved >= 0 else "no checkpoint yet"
         )
         raise StoreOutage(outage_message(outage, self.dist.rank, self.step, kept))
+
+    def stop_for_preemption(self, batches: Any) -> None:
+        """Every rank is here, after the same step, because one was signalled: save this step, end the
+        readers, and raise Preempted (lvmae exits 75, for a requeue)."""
+        where = self.ckpts.where(
+            self._save() if self.saved < self.step else self.ckpts.dir / step_name(self.step)
+        )
+        batches.close()
+        join_readers(timeout=60)
+        p, grace = self.preemption, self.cfg.run.preempt_grace_s
+        raise Preempted(preempted_message(p.signal, self.step, where, p.waited(), grace))
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """Collective: export the trained weights (rank 0 writes them), write summary.json, leave the

@@ -1,0 +1,73 @@
+"""Preemption (train.preempt): a signal stops a run after its step, with a checkpoint, exit 75; the run
+resumes from it with the losses of a run that was never stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from train_data import finish, launch, losses, mae_args
+
+from lvmae.config import ConfigError
+from train.config import load_train_config
+from train.preempt import REQUEUE_EXIT, Preemption
+from train.runlog import read_log
+
+
+class NoGroup:
+    """torch.distributed before init_process_group: a one-process run agrees with itself."""
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return False
+
+
+def test_a_signal_is_noted_not_obeyed_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGUSR1)
+    p = Preemption(["SIGUSR1"])
+    assert not p.agreed(NoGroup, "cpu")
+    os.kill(os.getpid(), signal.SIGUSR1)  # the default action would end this process
+    assert p.signal == "SIGUSR1" and p.agreed(NoGroup, "cpu") and p.waited() >= 0
+    p.restore()
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+@pytest.mark.parametrize("bad", ["SIGKILL", "SIGNOPE"])
+def test_signals_that_cannot_be_caught_are_refused(bad):
+    with pytest.raises(ConfigError, match=r"run\.preempt_signals"):
+        load_train_config([], ["data.url=/x", f"run.preempt_signals=[{bad}]"])
+
+
+@pytest.fixture(scope="module")
+def data(train_data) -> tuple[Path, str]:
+    return train_data
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_exits_75_and_the_requeued_run_goes_on(
+    data, uninterrupted: Path, tmp_path: Path
+):
+    out = tmp_path / "preempted"
+    proc = launch(mae_args(data, out))
+    log, deadline = out / "train_log.jsonl", time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and any(r["step"] >= 2 for r in read_log(log)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be preempted:\n" + proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)  # to `lvmae launch` alone, as a scheduler signals a job step
+    text, _ = proc.communicate(timeout=180)
+    assert proc.returncode == REQUEUE_EXIT, text[-4000:]
+    stopped = re.search(r"preempted on SIGTERM: stopped after step (\d+), checkpoint (\S+) saved", text)
+    assert stopped, text[-4000:]
+    step = int(stopped.group(1))
+    assert 2 <= step < 12 and (out / "checkpoints" / f"step-{step:08d}" / "meta.json").is_file()
+    assert max(s for s, _, _ in losses(out)) == step  # nothing logged past the checkpoint
+
+    resumed = finish(launch([*mae_args(data, out), "--resume", "auto"]))
+    assert f"at step {step}" in resumed, resumed[-3000:]
+    assert losses(out) == losses(uninterrupted)

@@ -230,11 +230,16 @@ def job_fields(job: str, env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sbatch_runs_two_ranks_through_the_template(slurm, train_data, tmp_path):
+def test_sbatch_runs_two_ranks_and_a_usr1_requeues_the_job_which_goes_on(
+    slurm, train_data, uninterrupted, tmp_path
+):
     """ops/slurm/pretrain.sbatch as a user submits it (its node and task counts overridden on sbatch's
-    command line, no GPUs here), on the tiny data set: two Slurm tasks, two ranks, one run, COMPLETED."""
+    command line, no GPUs here), on the tiny data set: two Slurm tasks, two ranks. USR1 to the batch
+    script (what `#SBATCH --signal=B:USR1@120` sends before the time limit) reaches the ranks, which stop
+    after their step with a checkpoint; the script requeues the job, whose next start resumes: the job
+    ends COMPLETED after one restart, with exactly the losses of a run never stopped."""
     out = tmp_path / "run"
-    overrides = tiny_mae_args(train_data, out, "run.steps=3", "run.checkpoint_every=0", "run.log_every=1")[3:]
+    overrides = tiny_mae_args(train_data, out, "run.steps=12", "run.checkpoint_every=4")[3:]
     # `lvmae` on PATH, as the template wants, and nothing else of the venv's bin: its ninja may not be
     # the one the other tests' ranks find (here 1.13 against Debian's 1.11), and a build logged by another
     # ninja counts as stale: DeepSpeed's JIT-built comm op, shared by every test, would be rebuilt.
@@ -254,19 +259,45 @@ def test_sbatch_runs_two_ranks_through_the_template(slurm, train_data, tmp_path)
     )
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
-    fields: dict[str, str] = {}
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and fields.get("JobState") not in DONE:
-        time.sleep(0.5)
-        fields = job_fields(job, slurm)
-    log = (tmp_path / f"job-{job}.out").read_text() if (tmp_path / f"job-{job}.out").exists() else ""
-    if fields.get("JobState") not in DONE:
-        subprocess.run(["scancel", job], env=slurm, check=False)
+    job_log = tmp_path / f"job-{job}.out"
+
+    def text() -> str:
+        return job_log.read_text() if job_log.exists() else ""
+
+    try:
+        deadline = time.monotonic() + 240
+        log_file = out / "train_log.jsonl"
+        steps = lambda: [r["step"] for r in read_log(log_file)] if log_file.is_file() else []  # noqa: E731
+        while time.monotonic() < deadline and not any(s >= 2 for s in steps()):
+            assert job_fields(job, slurm).get("JobState") not in DONE, text()[-4000:]
+            time.sleep(0.2)
+        signal = subprocess.run(
+            ["scancel", "--batch", "--signal=USR1", job], env=slurm, capture_output=True, text=True
+        )
+        assert signal.returncode == 0, signal.stderr
+        fields: dict[str, str] = {}
+        while time.monotonic() < deadline and fields.get("JobState") not in DONE:
+            time.sleep(0.5)
+            fields = job_fields(job, slurm)
+            if fields.get("JobState") == "PENDING" and fields.get("Restarts") == "1":
+                # Slurm holds a requeued job back for about two minutes: the test's cluster, its time
+                update = ["scontrol", "update", f"JobId={job}", "StartTime=now"]
+                subprocess.run(update, env=slurm, capture_output=True, check=False)
+    finally:
+        if job_fields(job, slurm).get("JobState") not in DONE:
+            subprocess.run(["scancel", job], env=slurm, check=False)
+    log = text()
     assert (fields.get("JobState"), fields.get("ExitCode")) == ("COMPLETED", "0:0"), log[-4000:]
-    assert fields["NumTasks"] == "2" and fields["Requeue"] == "1"
+    assert fields["NumTasks"] == "2" and fields["Requeue"] == "1" and fields["Restarts"] == "1", fields
     assert "lvmae launch: rank 0 of 2" in log and "lvmae launch: rank 1 of 2" in log, log[-4000:]
+    stopped = re.search(r"preempted on SIGUSR1: stopped after step (\d+)", log)
+    assert stopped and "requeueing job" in log, log[-4000:]
+    assert f"at step {stopped.group(1)}" in log  # the second start resumed from that checkpoint
     records = read_log(out / "train_log.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3] and records[0]["samples"] == 4  # 2 ranks x batch 2
+    assert records[0]["samples"] == 4  # 2 ranks x batch 2
+    assert [(r["step"], r["loss"], r["lr"]) for r in records] == [
+        (r["step"], r["loss"], r["lr"]) for r in read_log(uninterrupted / "train_log.jsonl")
+    ]
     assert (out / "summary.json").is_file() and (out / "export" / "model.safetensors").is_file()
-    meta = json.loads((out / "checkpoints" / "step-00000003" / "meta.json").read_text())
+    meta = json.loads((out / "checkpoints" / "step-00000012" / "meta.json").read_text())
     assert meta["world_size"] == 2

@@ -18,10 +18,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from lvmae.errors import UserError
+from lvmae_cli.rank_watch import MARKS_ENV, RankWatch, rank_pids
 from lvmae_cli.train_cmd import add_train_parser, load_task
 
 # What starts the ranks: deepspeed and torchrun start them from here; under slurm, srun has started one
@@ -116,9 +118,17 @@ def cmd_launch(args: argparse.Namespace) -> int:
     print("lvmae launch: " + " ".join(cmd), flush=True)
     # The launcher and its ranks stay in this process group: Ctrl-C in a terminal, or a kill of the group,
     # reaches every rank. A preemption signal sent to this process alone goes to the ranks themselves.
-    proc = subprocess.Popen(cmd, env=env)
+    marks = Path(tempfile.mkdtemp(prefix="lvmae-launch-"))  # ranks mark their exits here (rank_watch)
+    proc = subprocess.Popen(cmd, env={**env, MARKS_ENV: str(marks)})
+    watch = RankWatch(proc.pid, marks)  # a rank gone without exiting: named, and the others stopped
+    watch.start()
+
+    def preempt(signum: int, frame: object) -> None:
+        watch.stop()  # the launcher stops the ranks left once one exits 75, not always cleanly
+        forward_to_ranks(proc.pid, signum)
+
     for sig in PREEMPT_FORWARDED:
-        signal.signal(sig, lambda signum, frame: forward_to_ranks(proc.pid, signum))
+        signal.signal(sig, preempt)
     try:
         return proc.wait()
     except KeyboardInterrupt:  # the ranks got the SIGINT too: give them time to stop
@@ -127,6 +137,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
+    finally:
+        watch.stop()
+        shutil.rmtree(marks, ignore_errors=True)
 
 
 # Signals this process passes to the ranks, which stop after their step with a checkpoint and exit 75
@@ -138,35 +151,10 @@ PREEMPT_FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def forward_to_ranks(launcher_pid: int, signum: int) -> None:
-    """Send `signum` to the ranks: the topmost `python -m lvmae_cli` processes below the launcher (DeepSpeed's
-    runner starts its per-node launcher, which starts the ranks; torchrun starts them itself)."""
-    todo = [launcher_pid]
-    while todo:
-        for pid in _children(todo.pop()):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:  # gone
-                continue
-            if _module(cmdline) == b"lvmae_cli":
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signum)
-            else:
-                todo.append(pid)
-
-
-def _module(cmdline: list[bytes]) -> bytes | None:
-    """The module a `python ... -m MODULE ...` command line runs (the launchers' own command lines name
-    lvmae_cli too, as their ranks' arguments)."""
-    return cmdline[cmdline.index(b"-m") + 1] if b"-m" in cmdline[:-1] else None
-
-
-def _children(pid: int) -> set[int]:
-    """The child processes of `pid` (Linux: /proc lists them per thread; none when it is gone)."""
-    found: set[int] = set()
-    for thread in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            found |= set(map(int, (thread / "children").read_text().split()))
-    return found
+    """Send `signum` to the ranks below the launcher (lvmae_cli.rank_watch.rank_pids)."""
+    for pid in rank_pids(launcher_pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 def exec_slurm_task(args: argparse.Namespace, rest: list[str]) -> int:

@@ -1,5 +1,5 @@
 """Preemption (train.preempt): a signal stops a run after its step, with a checkpoint, exit 75; the run
-resumes from it with the losses of a run that was never stopped."""
+resumes from it with the losses of a run that was never stopped; a rank lost is named, the others stopped."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from train_data import finish, launch, losses, mae_args
 
 from lvmae.config import ConfigError
+from lvmae_cli.rank_watch import rank_pids
 from train.config import load_train_config
 from train.preempt import REQUEUE_EXIT, Preemption
 from train.runlog import read_log
@@ -71,3 +72,24 @@ def test_sigterm_to_the_launcher_checkpoints_exits_75_and_the_requeued_run_goes_
     resumed = finish(launch([*mae_args(data, out), "--resume", "auto"]))
     assert f"at step {step}" in resumed, resumed[-3000:]
     assert losses(out) == losses(uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_is_named_and_the_others_stop(data, tmp_path: Path):
+    """kill -9 of one rank, as a lost node would: `lvmae launch` names it and ends the other at once
+    (blocked in a collective, it could neither go on nor save)."""
+    out = tmp_path / "lost"
+    proc = launch(mae_args(data, out))
+    log, deadline = out / "train_log.jsonl", time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and any(r["step"] >= 2 for r in read_log(log)):
+            break
+        time.sleep(0.05)
+    victim = next(pid for pid, rank in rank_pids(proc.pid).items() if rank == 1)
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"rank 1 (pid {victim}) is gone without exiting" in text, text[-3000:]
+    assert time.monotonic() - killed < 60  # the issue's bound; a collective's timeout is many minutes
+    assert "lvmae launch: rank 0" not in text  # the survivor is not reported as lost

@@ -7,12 +7,14 @@ every_rank_has(tdist, ok, device)   # one small all-reduce: do all ranks agree t
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import threading
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,12 +67,24 @@ def join_process_group() -> Dist:
     )
     if "LVMAE_LAUNCHED" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
         exit_with_parent()
+    if MARKS_ENV in os.environ:
+        mark_exit(Path(os.environ[MARKS_ENV]), dist.rank)
     # DeepSpeed's ZeRO-3 calls a torch collective that torch 2.13 deprecates, once per step: not ours to fix.
     warnings.filterwarnings(
         "ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning
     )
     init_distributed()
     return dist
+
+
+# Set by `lvmae launch`: a folder where each rank marks that it exited (lvmae_cli.rank_watch names a rank
+# gone without its mark as lost).
+MARKS_ENV = "LVMAE_RANK_EXITS"
+
+
+def mark_exit(folder: Path, rank: int) -> None:
+    """Mark this rank's exit in `folder` when the interpreter exits (every exit but a kill)."""
+    atexit.register(lambda: (folder / f"rank-{rank}").touch())
 
 
 def exit_with_parent(interval: float = 1.0) -> None:

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from train_data import finish, launch, losses, mae_args
+from train_data import launch, losses, mae_args, wait_for_step
 
 from lvmae.config import ConfigError
 from lvmae_cli.rank_watch import rank_pids
 from train.config import load_train_config
 from train.preempt import REQUEUE_EXIT, Preemption
-from train.runlog import read_log
 
 
 class NoGroup:
@@ -49,17 +48,10 @@ def data(train_data) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_checkpoints_exits_75_and_the_requeued_run_goes_on(
-    data, uninterrupted: Path, tmp_path: Path
-):
+def test_sigterm_to_the_launcher_checkpoints_and_exits_75(data, uninterrupted: Path, tmp_path: Path):
     out = tmp_path / "preempted"
     proc = launch(mae_args(data, out))
-    log, deadline = out / "train_log.jsonl", time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and any(r["step"] >= 2 for r in read_log(log)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be preempted:\n" + proc.stdout.read()[-3000:]
+    wait_for_step(proc, out, 2)
     proc.send_signal(signal.SIGTERM)  # to `lvmae launch` alone, as a scheduler signals a job step
     text, _ = proc.communicate(timeout=180)
     assert proc.returncode == REQUEUE_EXIT, text[-4000:]
@@ -68,10 +60,9 @@ def test_sigterm_to_the_launcher_checkpoints_exits_75_and_the_requeued_run_goes_
     step = int(stopped.group(1))
     assert 2 <= step < 12 and (out / "checkpoints" / f"step-{step:08d}" / "meta.json").is_file()
     assert max(s for s, _, _ in losses(out)) == step  # nothing logged past the checkpoint
-
-    resumed = finish(launch([*mae_args(data, out), "--resume", "auto"]))
-    assert f"at step {step}" in resumed, resumed[-3000:]
-    assert losses(out) == losses(uninterrupted)
+    # What was logged is what the run never stopped logged; the resume from such a checkpoint gives the
+    # rest of its losses exactly (tests/test_slurm.py, after a preemption; tests/test_train.py, a kill -9).
+    assert losses(out) == losses(uninterrupted)[:step]
 
 
 @pytest.mark.slow
@@ -80,11 +71,7 @@ def test_a_rank_killed_is_named_and_the_others_stop(data, tmp_path: Path):
     (blocked in a collective, it could neither go on nor save)."""
     out = tmp_path / "lost"
     proc = launch(mae_args(data, out))
-    log, deadline = out / "train_log.jsonl", time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and any(r["step"] >= 2 for r in read_log(log)):
-            break
-        time.sleep(0.05)
+    wait_for_step(proc, out, 2)
     victim = next(pid for pid, rank in rank_pids(proc.pid).items() if rank == 1)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()

@@ -12,7 +12,6 @@ import math
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from train_data import (
     losses,
     mae_args,
     tiny_mae_args,
+    wait_for_step,
 )
 
 from ingest.tokens import ingest_tokens
@@ -103,13 +103,7 @@ def test_export_hf_takes_a_checkpoint(uninterrupted: Path, tmp_path: Path):
 def test_kill_9_then_resume_reproduces_the_loss_curve(data, uninterrupted: Path, tmp_path: Path):
     out = tmp_path / "killed"
     proc = launch(mae_args(data, out), launcher="torchrun")
-    log = out / "train_log.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and any(r["step"] >= 6 for r in read_log(log)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()[-3000:]
+    wait_for_step(proc, out, 6)
     kill_9_all(proc)
     killed_at = max(s for s, _, _ in losses(out))
     assert 6 <= killed_at < 12

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,16 @@ def kill_9_all(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def wait_for_step(proc: subprocess.Popen, out: Path, step: int, seconds: float = 240) -> None:
+    """Until the run in `out` has logged `step` (it must still be running then, to be interrupted)."""
+    log, deadline = out / "train_log.jsonl", time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and any(r["step"] >= step for r in read_log(log)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before step {step}:\n" + proc.stdout.read()[-3000:]
 
 
 def losses(out: Path) -> list[tuple[int, float, float]]:

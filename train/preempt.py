@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from lvmae.errors import UserError
+from train.dist import every_rank_has
 
 # EX_TEMPFAIL (sysexits.h): "try again later". What `lvmae train` exits with after a preemption.
 REQUEUE_EXIT = 75
-# Signals a handler may not take (they cannot be caught) or that mean something else to a run.
-UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 
 
 class Preempted(UserError):
@@ -51,10 +50,7 @@ class Preemption:
 
     def agreed(self, tdist: Any, device: torch.device) -> bool:
         """Collective (every rank, between steps): True when any rank has received a signal."""
-        flag = torch.tensor([0 if self.signal is None else 1], dtype=torch.int32, device=device)
-        if tdist.is_initialized():
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return bool(flag.item())
+        return not every_rank_has(tdist, self.signal is None, device)
 
     def waited(self) -> float:
         """Seconds since this rank's signal (0 when the signal reached another rank only)."""
@@ -67,7 +63,7 @@ class Preemption:
 
 
 def preempted_message(sig: str | None, step: int, where: str, waited: float, grace: float) -> str:
-    """The one line a preempted run ends with (rank 0 says it)."""
+    """The one line a preempted run ends with (each rank says it)."""
     why = f"on {sig}" if sig else "on a signal to another rank"
     late = (
         f"; that is past run.preempt_grace_s={grace:g}: the scheduler may kill a run before it saves, so send "

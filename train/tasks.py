@@ -144,7 +144,6 @@ class MAETask(Task):
         self.model_cfg = cfg.model_config()
         tgt, masking = self.model_cfg.target, self.model_cfg.masking
         self.needs_codes = tgt.kind == "tokens"
-        self.masking = masking
         self.tokens = cfg.data.tokens if (self.needs_codes or masking.needs_token_priority) else None
         self.tokens_per_sample = self.model_cfg.video.num_tokens
         self.init_from = cfg.model.init_from
@@ -209,12 +208,9 @@ class MAETask(Task):
     ) -> torch.Tensor:
         """gen draws the masks."""
         module = getattr(model, "module", model)
-        priority = None
-        if self.masking.needs_priority:
-            v = self.model_cfg.video
-            priority = token_priority(
-                self.masking.priority, batch.get("priority"), video, v.tubelet_size, v.patch_size
-            )
+        priority, m, v = None, self.model_cfg.masking, self.model_cfg.video
+        if m.needs_priority:
+            priority = token_priority(m.priority, batch.get("priority"), video, v.tubelet_size, v.patch_size)
         plan = module.plan(video.shape[0], gen, priority, video.device)
         out = model(video, plan=plan)
         return mae_loss(self.model_cfg, out, video=video, codes=batch.get("codes"))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_data import REPO, tiny_mae_args
+from train_data import REPO, free_port, tiny_mae_args
 
 from lvmae.errors import UserError
 from lvmae_cli.main import main
@@ -112,12 +112,6 @@ def test_the_first_host_comes_from_scontrol(tmp_path, monkeypatch):
 
 
 # ---- a real one-node Slurm ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slurm_conf(root: Path, node: str) -> str:

@@ -86,12 +86,12 @@ def mae_args(data: tuple[Path, str], out: Path, *extra: str) -> list[str]:
     return tiny_mae_args(data, out, "run.steps=12", "run.checkpoint_every=4", *extra)
 
 
-def launch(args: list[str], launcher: str = "deepspeed", **kw) -> subprocess.Popen:
+def launch(args: list[str], launcher: str = "deepspeed", nproc: int = 2, **kw) -> subprocess.Popen:
     cmd = [
         *LVMAE,
         "launch",
         f"--launcher={launcher}",
-        "--nproc=2",
+        f"--nproc={nproc}",
         f"--master-port={free_port()}",
         "--",
         *args,
@@ -155,7 +155,8 @@ def losses(out: Path) -> list[tuple[int, float, float]]:
 @pytest.fixture(scope="session")
 def uninterrupted(train_data, tmp_path_factory) -> Path:
     """The reference run: 12 steps on 2 ranks, checkpoints every 4, never interrupted (shared by the
-    resume, outage and remote-run tests, which must reproduce its losses)."""
+    resume, outage, remote-run and elastic tests, which must reproduce its losses and, with its sample log,
+    its data)."""
     out = tmp_path_factory.mktemp("runs") / "straight"
-    finish(launch(mae_args(train_data, out)))
+    finish(launch(mae_args(train_data, out, "run.sample_log=true")))
     return out

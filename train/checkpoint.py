@@ -6,7 +6,7 @@ Layout under RUN/checkpoints/ (a local or shared filesystem that every rank sees
                              optimizer state, the module states with the lr scheduler), plus
         rank-00000.json      per rank: the loader's position and the RNG states
         config.yaml          the resolved training config (credentials redacted)
-        meta.json            {"step", "world_size", ...}, written last
+        meta.json            {"step", "world_size", "global_batch", ...}, written last
     latest                   the name of the newest complete checkpoint (replaced atomically)
     best.json                with run.keep_best: the checkpoint of the best in-run probe score, its step
                              and figures; kept beside the last K
@@ -114,6 +114,7 @@ class Checkpoints:
         self.location = str(self.dir)  # where the checkpoints live, for messages
         self.upload_seconds = 0.0  # of the last save (only a run on object storage uploads)
         self.best: dict[str, Any] | None = None  # best.json: never pruned (run.keep_best)
+        self.meta_extra: dict[str, Any] = {}  # more of meta.json: the batch plan (train.elastic)
 
     def where(self, path: Path) -> str:
         """A checkpoint's address for messages: here its path."""
@@ -125,6 +126,9 @@ class Checkpoints:
         if not path.is_dir():
             raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
         return path
+
+    def fetch(self, path: Path, every_rank: bool = False) -> None:
+        """Make checkpoint `path` readable here (a local one is)."""
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints here, oldest first."""
@@ -178,7 +182,7 @@ class Checkpoints:
         final = self.dir / name
         if self.rank == 0:
             write_text_atomically(tmp / "config.yaml", config_yaml)
-            meta = {"step": step, "world_size": self.world_size, "time": time.time()}
+            meta = {"step": step, "world_size": self.world_size, "time": time.time(), **self.meta_extra}
             write_text_atomically(tmp / META, json.dumps(meta, indent=1) + "\n")
             if final.exists():  # a checkpoint of this step from an earlier attempt: the new one wins
                 shutil.rmtree(final)
@@ -223,10 +227,9 @@ class Checkpoints:
         if not meta_path.is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
         meta = json.loads(meta_path.read_text())
-        if meta["world_size"] != self.world_size:
+        if meta["world_size"] != self.world_size:  # train.elastic.load_resized reads those
             raise CheckpointError(
-                f"{path} was saved by {meta['world_size']} ranks, this run has {self.world_size}: resume "
-                "with the same number of processes (ZeRO-3 shards and loader positions are per rank)"
+                f"{path} was saved by {meta['world_size']} ranks, this run has {self.world_size}"
             )
         rank_file = path / f"rank-{self.rank:05d}.json"
         if not rank_file.is_file():
@@ -336,7 +339,7 @@ class StoredCheckpoints(Checkpoints):
         write_text_atomically(local / f"rank-{self.rank:05d}.json", json.dumps(state))
         if self.rank == 0:
             write_text_atomically(local / "config.yaml", config_yaml)
-            meta = {"step": step, "world_size": self.world_size, "time": time.time()}
+            meta = {"step": step, "world_size": self.world_size, "time": time.time(), **self.meta_extra}
             write_text_atomically(local / META, json.dumps(meta, indent=1) + "\n")
             self._remove_step(name)  # an earlier attempt at this step (complete or not): the new one wins
         _barrier(dist)
@@ -396,15 +399,20 @@ class StoredCheckpoints(Checkpoints):
         for p in local[: -self.keep_last]:
             shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine: Any, path: Path) -> tuple[int, dict[str, Any]]:
-        """Collective. Fetch what this rank reads of checkpoint `path.name` from the store into the stage
-        (its own files and those of no rank), then restore from it as Checkpoints.load does."""
+    def fetch(self, path: Path, every_rank: bool = False) -> None:
+        """Download checkpoint `path.name` from the store into the stage: this rank's files and those of no
+        rank, or (every_rank) all of them."""
         files = self.run.list(f"checkpoints/{path.name}")
         if META not in files:
             raise CheckpointError(f"{self.where(path)} is not a complete checkpoint (no {META})")
         for file in files:
-            if file_owner(file) in (None, self.rank):
+            if every_rank or file_owner(file) in (None, self.rank):
                 self.run.download(f"checkpoints/{path.name}/{file}")
+
+    def load(self, engine: Any, path: Path) -> tuple[int, dict[str, Any]]:
+        """Collective. Fetch what this rank reads of checkpoint `path.name`, then restore from it as
+        Checkpoints.load does."""
+        self.fetch(path)
         return super().load(engine, path)
 
 

@@ -32,6 +32,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 
 
+def global_batch(cfg: Any, world_size: int) -> int:
+    """Clips per optimizer step over every rank: data.batch_size x data.grad_accum x world_size."""
+    return cfg.data.batch_size * cfg.data.grad_accum * world_size
+
+
 @dataclass
 class DataConfig:
     """Where clips (and, for token targets, the tokenizer's codes and priorities) stream from."""
@@ -43,7 +48,10 @@ class DataConfig:
     # Train on one split of the data set only (train / val / test, made by source video at ingest); None:
     # every sample. Pretraining on `train` keeps the probe's val and test videos unseen.
     split: str | None = None
-    batch_size: int = 8  # per rank
+    batch_size: int = 8  # per rank, per forward pass (the micro batch)
+    # micro batches a rank accumulates into one optimizer step: the global batch is batch_size x grad_accum
+    # x ranks. A run resumed on another number of ranks keeps its global batch through this (train.elastic)
+    grad_accum: int = 1
     shuffle_buffer: int = 256  # samples
     decoder: str = "auto"  # clip decoder backend: auto (DALI where installed), dali, pyav
     # DALI threads per rank (PyAV: 2 or more convert in a helper thread); 0: cores / ranks per node
@@ -59,6 +67,7 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         check(bool(self.url), f"{prefix}.url", "must name the data set")
         check(self.batch_size >= 1, f"{prefix}.batch_size", "must be a positive integer")
+        check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be a positive integer")
         if self.split is not None:
             check_choice(self.split, f"{prefix}.split", SPLITS)
         check(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", "must be >= 0")
@@ -74,7 +83,7 @@ class OptimConfig:
 
     lr: float = 1.5e-4
     # 0: lr is the peak rate, whatever the batch. N > 0: lr is the rate at a global batch of N, and the run
-    # uses lr x global batch / N (global batch: data.batch_size x ranks), MAE's and VideoMAE's rule with
+    # uses lr x global batch / N (global batch: data.batch_size x data.grad_accum x ranks), MAE's and VideoMAE's rule with
     # N = 256 (train.engine.effective_lr). min_lr stays absolute.
     lr_reference_batch: int = 0
     min_lr: float = 1e-6
@@ -138,6 +147,9 @@ class RunConfig:
     # (Slurm's --signal lead): a run that takes longer to save says so.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     preempt_grace_s: float = 120.0
+    # Every rank writes the keys of the samples it trained on at each step to RUN/samples/rank-R.jsonl
+    # (train.runlog.SampleLog), so that anyone can audit that an epoch saw each sample once
+    sample_log: bool = False
 
     def validate(self, prefix: str = "run") -> None:
         check(bool(self.out), f"{prefix}.out", "must name an output directory")

@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lvmae.config import check
-from train.config import OptimConfig, TrainConfig
+from train.config import OptimConfig, TrainConfig, global_batch
 
 # Parameters named like these are never weight-decayed (with biases and norm weights: anything 1-D).
 NO_DECAY_NAMES = ("pos_embed", "mask_token", "cls_token")
@@ -50,7 +50,7 @@ def _lr_factor(step: int, cfg: OptimConfig) -> float:
 
 
 def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """The peak learning rate of a run of `global_batch` clips a step (data.batch_size x ranks): cfg.lr
+    """The peak learning rate of a run of `global_batch` clips a step (data.batch_size x data.grad_accum x ranks): cfg.lr
     when cfg.lr_reference_batch is 0, else the linear scaling rule, cfg.lr x global_batch /
     cfg.lr_reference_batch (MAE and VideoMAE: base rate 1.5e-4 at a reference batch of 256)."""
     if cfg.lr_reference_batch == 0:
@@ -93,13 +93,14 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for a training config; the optimizer and scheduler are client objects."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config for a training config; the optimizer and scheduler are client objects.
+    universal: the engine will load a universal checkpoint (another world size's, train.elastic)."""
     stage = cfg.run.zero_stage
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.data.batch_size * world_size,
+        "gradient_accumulation_steps": cfg.data.grad_accum,
+        "train_batch_size": global_batch(cfg, world_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": resolve_precision(cfg.run.precision) == "bf16"},
@@ -107,6 +108,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1_000_000_000,  # our metrics report progress, not DeepSpeed's log
         "wall_clock_breakdown": False,
     }
+    if universal:
+        ds["checkpoint"] = {"load_universal": True}
     if stage >= 2:
         ds["zero_optimization"].update(
             {
@@ -176,20 +179,61 @@ def build_optimizer(
 
 
 def build_engine(
-    model: nn.Module, cfg: TrainConfig, world_size: int, lr_scale: Callable[[str], float] | None = None
+    model: nn.Module,
+    cfg: TrainConfig,
+    world_size: int,
+    lr_scale: Callable[[str], float] | None = None,
+    universal: bool = False,
 ) -> tuple[Any, Any, LambdaLR]:
     """-> (engine, optimizer, scheduler): a DeepSpeed engine over `model` with a client AdamW and the
     warmup-cosine LambdaLR to the peak effective_lr at this world size (each group's lr follows it, in
-    proportion), stepped by `engine.step()`. ConfigError when that peak is below optim.min_lr."""
-    optim = scaled_optim(cfg.optim, cfg.data.batch_size * world_size)
+    proportion), stepped by `engine.step()`. ConfigError when that peak is below optim.min_lr.
+    universal: set up to load a universal checkpoint (load_universal_checkpoint)."""
+    optim = scaled_optim(cfg.optim, global_batch(cfg, world_size))
     optimizer, scheduler = build_optimizer(model, optim, lr_scale)
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(cfg, world_size, universal),
     )
     return engine, ds_optimizer, ds_scheduler
+
+
+def to_universal(checkpoint: Path, out: Path) -> None:
+    """Convert a checkpoint folder (every rank's files in it) to DeepSpeed's universal format in `out`, a
+    folder beside it: each parameter whole, with its AdamW moments, loadable at any world size and ZeRO
+    stage. No process group needed. DeepSpeed also writes `latest_universal` into out's parent."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    args = {"input_folder": str(checkpoint), "output_folder": str(out), "keep_temp_folder": False}
+    args |= {"num_extract_workers": 1, "num_merge_workers": 1, "strict": True, "inject_missing_state": True}
+    main(argparse.Namespace(**args))
+
+
+def load_universal_checkpoint(engine: Any, folder: Path) -> None:
+    """Collective. Load a universal checkpoint (to_universal) into an engine built with universal=True:
+    weights, AdamW moments and step, the lr schedule's step (its rates stay this run's, follow_schedule).
+    Two DeepSpeed 0.19.8 slips of its ZeRO-3 universal load are undone (harmless below ZeRO-3): every
+    parameter group gets the first group's hyperparameters (the no-decay group would decay), and every
+    flat group shares one AdamW step tensor (each optimizer step would advance it once per group)."""
+    base_lrs = list(engine.lr_scheduler.base_lrs)
+    groups = engine.optimizer.param_groups
+    hparams = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+    path, _ = engine.load_checkpoint(
+        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {folder}")
+    follow_schedule(engine.lr_scheduler, base_lrs)
+    for group, saved in zip(engine.optimizer.param_groups, hparams, strict=True):
+        group.update(saved)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -286,9 +330,11 @@ __all__ = [
     "full_state_dict",
     "init_distributed",
     "load_full_state",
+    "load_universal_checkpoint",
     "lr_at",
     "model_init_context",
     "param_groups",
     "resolve_precision",
     "scaled_optim",
+    "to_universal",
 ]

@@ -15,6 +15,10 @@ counts the samples this rank has drawn from its shuffled stream up to the last b
 token-less samples included). Shard order and shuffle buffer are pure functions of (seed, epoch, rank), and
 skipping is deterministic, so load_state_dict rebuilds them and skips `consumed` samples at the bytes level
 (read, never decoded), then yields exactly what an uninterrupted run would have.
+
+On another world size (reshard: the states of every old rank): the rest of the epoch is read as lanes of
+the old ranks' streams (train.lanes), cut into this run's ranks' shares of each step; the next epoch is
+sharded over this world size. `step_batches` (gradient accumulation) sets each stream's block per step.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from ingest.labels import LabelError, LabelSpec, SampleFilter
 from ingest.retry import RetryPolicy, StoreRetry
 from ingest.storage import Store
+from train import lanes as ln
 from train.stream import (
     STORE_ERRORS,
     LoaderError,
@@ -167,6 +172,12 @@ class ClipLoader:
         self.decoder_name, self.decoder_kwargs = decoder, decoder_kwargs or {}
         self._decoder: Any = None
         self.epoch, self.consumed, self.batches = 0, 0, 0  # batches: yielded in this epoch
+        self.step_batches = 1  # batches a training step takes (gradient accumulation): lanes' period
+        # An epoch re-sharded after a change of world size (reshard): this rank's lanes of the streams of
+        # a layout of `lane_layout` ranks, what it took of each, and the epoch's batches per rank.
+        self.lanes: list[ln.Lane] | None = None
+        self.lane_taken: list[int] = []
+        self.lane_layout, self.lane_limit = 0, 0
         self.stats: dict[str, float] = dict.fromkeys(
             (
                 "samples",
@@ -185,38 +196,114 @@ class ClipLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where this rank stands: after the last batch it yielded. JSON-able."""
         names = ("epoch", "consumed", "batches", "seed", "rank", "world_size", "shuffle_buffer", "batch_size")
-        return {name: getattr(self, name) for name in names} | {"split": self.split}
+        state = {name: getattr(self, name) for name in names} | {"split": self.split}
+        state["step_batches"] = self.step_batches
+        if self.lanes is not None:
+            state |= {"lanes": [ln.to_dict(lane) for lane in self.lanes], "taken": list(self.lane_taken)}
+            state |= {"layout": self.lane_layout, "limit": self.lane_limit}
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state` at the next batch. The order-defining settings must match."""
-        for name in ("seed", "rank", "world_size", "shuffle_buffer", "split"):
+    def _check_order(self, state: dict[str, Any], names: tuple[str, ...]) -> None:
+        for name in names:
             if state.get(name, getattr(self, name)) != getattr(self, name):
                 raise LoaderError(
                     f"loader state was saved with {name}={state[name]}, this loader has {getattr(self, name)}: "
                     "resuming would not give the same samples"
                 )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` at the next batch. The order-defining settings must match (another world
+        size: reshard)."""
+        self._check_order(state, ("seed", "rank", "world_size", "shuffle_buffer", "split"))
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.batches = int(state.get("batches", 0))
+        self.lanes = None
+        if "lanes" in state:  # in an epoch re-sharded earlier: its lanes, past what they gave
+            self._set_lanes(
+                [ln.from_dict(d).advance(t) for d, t in zip(state["lanes"], state["taken"], strict=True)],
+                state["layout"],
+                state["limit"],
+            )
 
-    def batches_per_epoch(self, epoch: int) -> int | None:
-        """With even_batches, the batches every rank yields in `epoch`; else None (as many as there are)."""
-        if not self.even_batches:
+    def _set_lanes(self, lanes: list[ln.Lane], layout: int, limit: int) -> None:
+        self.lanes, self.lane_taken = lanes, [0] * len(lanes)
+        self.lane_layout, self.lane_limit = layout, limit
+
+    def reshard(self, states: list[dict[str, Any]]) -> dict[str, int]:
+        """Continue from the states of every rank of a run of another world size (train.lanes): the rest of
+        their epoch is cut into this run's ranks' shares of each step, so that no sample of it is repeated
+        or skipped and each step's global batch holds the samples it would have held; later epochs are
+        sharded over this world size. -> {"epoch", "samples_left": of the epoch, over all ranks,
+        "batches": per rank, in the rest of the epoch}."""
+        states = sorted(states, key=lambda st: st["rank"])
+        for st in states:
+            self._check_order(st, ("seed", "shuffle_buffer", "split"))
+        epochs = {int(st["epoch"]) for st in states}
+        if len(epochs) != 1 or [st["rank"] for st in states] != list(range(states[0]["world_size"])):
+            raise LoaderError("the saved loader states are not those of every rank of one run at one epoch")
+        epoch = epochs.pop()
+        old: list[ln.Lane] = []
+        layout = int(states[0].get("layout", states[0]["world_size"]))
+        for st in states:
+            if "lanes" in st:
+                old += [ln.from_dict(d).advance(t) for d, t in zip(st["lanes"], st["taken"], strict=True)]
+                continue
+            world, batch, accum = int(st["world_size"]), int(st["batch_size"]), int(st.get("step_batches", 1))
+            limit = self.batches_per_epoch(epoch, world, batch, accum)
+            if limit is None:  # a rank on its own draws its whole stream (full batches)
+                limit = self.stream_samples(epoch, st["rank"], world) // batch
+            end = max(0, limit - int(st["batches"])) * batch  # what the run would still have drawn
+            old.append(ln.Lane(st["rank"], int(st["consumed"]), batch * accum, 0, batch * accum, 0, end))
+        try:
+            shares = ln.split(old, self.world_size)
+        except ValueError as err:
+            raise LoaderError(f"cannot re-shard the epoch in flight: {err}") from None
+        per_rank = [sum(lane.picks() or 0 for lane in share) // self.batch_size for share in shares]
+        limit = min(per_rank) if self.even_batches else per_rank[self.rank]
+        limit = limit // self.step_batches * self.step_batches  # whole steps
+        self.epoch, self.consumed, self.batches = epoch, 0, 0
+        if limit > 0:
+            self._set_lanes(shares[self.rank], layout, limit)
+        else:  # nothing left of the epoch: the next one, sharded over this world size
+            self.epoch, self.lanes = epoch + 1, None
+        return {"epoch": epoch, "samples_left": sum(lane.picks() or 0 for lane in old), "batches": limit}
+
+    def stream_samples(self, epoch: int, rank: int, world_size: int) -> int:
+        """Samples (of the split) in stream `rank` of a layout of `world_size` ranks, by index.json."""
+        names = split_by_rank(shard_order(self.shards, self.seed, epoch), rank, world_size)
+        return sum(self.shard_samples[n] for n in names)
+
+    def batches_per_epoch(
+        self,
+        epoch: int,
+        world_size: int | None = None,
+        batch_size: int | None = None,
+        step_batches: int | None = None,
+    ) -> int | None:
+        """The batches every rank yields in `epoch`: with even_batches, the fewest any rank's stream fills,
+        rounded down to whole steps (step_batches) so that no step spans two epochs; else None (as many as
+        there are) unless steps accumulate batches. By default for this loader's layout; world_size,
+        batch_size and step_batches for another's (a run of more than one rank has even batches)."""
+        world = self.world_size if world_size is None else world_size
+        batch = self.batch_size if batch_size is None else batch_size
+        accum = self.step_batches if step_batches is None else step_batches
+        even = self.even_batches if world_size is None else world > 1
+        if not even and accum == 1:
             return None
-        order = shard_order(self.shards, self.seed, epoch)
-        per_rank = [
-            sum(self.shard_samples[n] for n in split_by_rank(order, r, self.world_size))
-            for r in range(self.world_size)
-        ]
-        return min(per_rank) // self.batch_size
+        fewest = min(self.stream_samples(epoch, r, world) for r in range(world)) // batch
+        return fewest // accum * accum
 
-    def samples(self, epoch: int) -> Iterator[Sample]:
-        """This rank's samples of `epoch`, shuffled, as raw bytes: what replay skips through."""
-        names = split_by_rank(shard_order(self.shards, self.seed, epoch), self.rank, self.world_size)
+    def samples(self, epoch: int, rank: int | None = None, world_size: int | None = None) -> Iterator[Sample]:
+        """This rank's samples of `epoch` (or stream `rank` of a layout of `world_size` ranks), shuffled, as
+        raw bytes: what replay skips through."""
+        rank = self.rank if rank is None else rank
+        world = self.world_size if world_size is None else world_size
+        names = split_by_rank(shard_order(self.shards, self.seed, epoch), rank, world)
 
         def open_shard(name: str) -> IO[bytes]:
             return self.store.fs.open(self.store.path(name), "rb")
 
-        gen = np.random.default_rng([self.seed, epoch, self.rank])
+        gen = np.random.default_rng([self.seed, epoch, rank])
         shards = read_shards(names, open_shard, self.retries, self.stats, self.retry)
         return shuffle(shards, self.shuffle_buffer, gen)
 
@@ -241,14 +328,33 @@ class ClipLoader:
 
         ext = self.spec.get("extension", "webm")
         while self.epochs is None or self.epoch < self.epochs:
-            limit = self.batches_per_epoch(self.epoch)
             drawn = [self.consumed]
-            # replay: the first `consumed` samples are read and dropped as bytes, never decoded
-            stream = prefetch(
-                itertools.islice(self.samples(self.epoch), self.consumed, None), self.prefetch, self.stats
-            )
+            if self.lanes is None:
+                limit = self.batches_per_epoch(self.epoch)
+                # replay: the first `consumed` samples are read and dropped as bytes, never decoded
+                readers = [
+                    prefetch(
+                        itertools.islice(self.samples(self.epoch), self.consumed, None),
+                        self.prefetch,
+                        self.stats,
+                    )
+                ]
+                source, check = counted(readers[0], drawn), keep
+            else:  # an epoch re-sharded after a change of world size: this rank's lanes, in turn
+                limit = self.lane_limit
+
+                def kept(sample: Sample) -> bool:
+                    return ext in sample[1] and keep(*sample)
+
+                streams = [self.samples(self.epoch, lane.stream, self.lane_layout) for lane in self.lanes]
+                readers = [
+                    prefetch(ln.lane_samples(st, lane, kept), self.prefetch, self.stats)
+                    for st, lane in zip(streams, self.lanes, strict=True)
+                ]
+                widths = [lane.width for lane in self.lanes]
+                source, check = ln.interleave(readers, widths, self.lane_taken), lambda key, parts: True
             batches = decode_batches(
-                counted(stream, drawn), self._decode, self.batch_size, ext, self.drop_last, self.stats, keep
+                source, self._decode, self.batch_size, ext, self.drop_last, self.stats, check
             )
             try:
                 while limit is None or self.batches < limit:
@@ -266,7 +372,8 @@ class ClipLoader:
                     self.stats["frames"] += len(keys) * self.spec["num_frames"]
                     batch["state"] = self.state_dict()
                     yield batch
-            finally:  # the caller may stop early: end the read-ahead thread now, not at garbage collection
+            finally:  # the caller may stop early: end the read-ahead threads now, not at garbage collection
                 batches.close()
-                stream.close()
-            self.epoch, self.consumed, self.batches = self.epoch + 1, 0, 0
+                for reader in readers:
+                    reader.close()
+            self.epoch, self.consumed, self.batches, self.lanes = self.epoch + 1, 0, 0, None

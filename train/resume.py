@@ -28,17 +28,24 @@ def pick_checkpoint(ckpts: Checkpoints, resume: str) -> Path | None:
     return ckpts.named(resume)
 
 
-def check_resumed_model(saved_config: Path, cfg: Any, where: str) -> None:
+def saved_config(path: Path) -> dict[str, Any]:
+    """A checkpoint's config.yaml as a plain dict ({} when it has none)."""
+    from omegaconf import OmegaConf
+
+    if not path.is_file():
+        return {}
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    return raw if isinstance(raw, dict) else {}
+
+
+def check_resumed_model(config_file: Path, cfg: Any, where: str) -> None:
     """Refuse to resume a checkpoint under options that change what its weights mean without changing their
     shapes: those a config section declares in its WEIGHT_MEANING (the model's position table and input
     normalization, a classifier's pooling). A checkpoint saved before such an option existed was trained
     with the section's SAVED_DEFAULTS value, whatever today's default."""
-    from omegaconf import OmegaConf
-
-    if not saved_config.is_file():
+    if not config_file.is_file():
         return
-    raw = OmegaConf.to_container(OmegaConf.load(saved_config))
-    raw = raw if isinstance(raw, dict) else {}
+    raw = saved_config(config_file)
     for field in dataclasses.fields(cfg):
         section = getattr(cfg, field.name)
         kind = type(section)

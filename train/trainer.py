@@ -3,7 +3,7 @@
     trainer = Trainer(task, cfg, resume="auto")   # build: process group, run folder, loader, checkpoints,
                                                   # metrics, the task's model under its DeepSpeed engine,
                                                   # then restore the newest checkpoint (--resume auto)
-    summary = trainer.run()                       # for each step: next_batch -> train_step -> log_step ->
+    summary = trainer.run()                       # for each step: next_batches -> train_step -> log_step ->
                                                   # checkpoint when due; then export and the summary
 
 `train(task, cfg, resume)` does both. The task (train.tasks.Task) gives the model, its loss, its data checks
@@ -15,6 +15,8 @@ Exact resume: shard order, shuffle and skips are functions of (seed, epoch, rank
 position; each step's masks come from a generator seeded by (seed, step, rank); parameters, optimizer, lr
 schedule and RNG states come back from the checkpoint. So a run killed and resumed trains on the same
 samples with the same masks as an uninterrupted one, and on a CPU in fp32 its losses are identical.
+A checkpoint of another world size resumes through train.elastic: its global batch kept (micro batch x
+data.grad_accum), its weights through DeepSpeed's universal format, the epoch in flight re-sharded.
 
 A store outage longer than data.retry_deadline_s stops every rank together, between two steps, with a
 checkpoint where one can still be written (`stop_for_outage`).
@@ -23,8 +25,6 @@ checkpoint where one can still be written (`stop_for_outage`).
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,11 @@ import torch
 
 from ingest.retry import StoreUnavailable
 from lvmae.errors import UserError
-from train.checkpoint import CheckpointError, open_checkpoints, step_name
-from train.config import saved_yaml
-from train.decoders import ships_uint8, video_to
-from train.dist import Dist, every_rank_has, join_process_group
+from train.checkpoint import META, CheckpointError, open_checkpoints, step_name
+from train.config import global_batch, saved_yaml
+from train.decoders import video_to
+from train.dist import every_rank_has, join_process_group
+from train.elastic import fit_world, load_resized
 from train.engine import (
     build_engine,
     effective_lr,
@@ -47,12 +48,12 @@ from train.engine import (
     resolve_precision,
 )
 from train.health import HealthProbe, eval_line
-from train.loader import ClipLoader
-from train.metrics import TrainMetrics, peak_memory_bytes, write_targets
+from train.metrics import peak_memory_bytes
+from train.parts import build_loader, build_metrics, loader_kwargs
 from train.preempt import Preempted, Preemption, preempted_message
-from train.resume import check_resumed_model, pick_checkpoint
+from train.resume import check_resumed_model, pick_checkpoint, saved_config
 from train.rundir import RunDir
-from train.runlog import LOG_FILE, TrainLog, eval_records, read_log
+from train.runlog import LOG_FILE, TrainLog, eval_records, read_log, sample_log, truncate_samples
 from train.stream import READ_AHEAD_BATCHES, join_readers, prefetch
 from train.tasks import Task
 
@@ -64,78 +65,22 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def loader_kwargs(cfg: Any, dist: Dist, device: torch.device | None = None) -> dict[str, Any]:
-    """The ClipLoader settings every loader of this rank shares (the training one and the health probe's).
-    device: where the steps run; with the PyAV decoder on CUDA, batches come as uint8 and are converted
-    there (train.decoders.ships_uint8, video_to)."""
-    threads = cfg.data.decode_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size)
-    uint8 = device is not None and ships_uint8(cfg.data.decoder, device)
-    return {
-        "decoder": cfg.data.decoder,
-        "storage_options": cfg.data.storage_options or None,  # None: endpoint from the environment
-        "retries": cfg.data.retries,
-        "retry_deadline": cfg.data.retry_deadline_s,
-        "decoder_kwargs": {"num_threads": threads, "device_id": dist.local_rank}
-        | ({"uint8": True} if uint8 else {}),
-    }
-
-
-def build_loader(cfg: Any, task: Task, dist: Dist, device: torch.device | None = None) -> ClipLoader:
-    """This rank's loader, checked against the task."""
-    loader = ClipLoader(
-        cfg.data.url,
-        cfg.data.batch_size,
-        seed=cfg.run.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        tokens=task.tokens,
-        split=cfg.data.split,
-        labels=task.labels,
-        **loader_kwargs(cfg, dist, device),
-    )
-    attrs = dict(loader.tokens.group.attrs) if loader.tokens is not None else None
-    task.check_data(loader.spec, attrs, cfg.data.url)
-    task.set_classes(loader.classes, loader.label_counts)
-    return loader
-
-
-def build_metrics(cfg: Any, dist: Dist, run: RunDir | None = None) -> TrainMetrics:
-    """This rank's exporter on port base + rank; local rank 0 writes the node's file-SD target list, beside
-    the run folder (for a run on object storage: beside its local stage folder)."""
-    metrics = TrainMetrics(rank=dist.rank)
-    base, addr = cfg.run.metrics_port_base, cfg.run.metrics_addr
-    if base == 0:
-        return metrics
-    try:
-        metrics.serve(base + dist.rank, addr)
-    except OSError as err:
-        raise UserError(
-            f"rank {dist.rank} cannot serve metrics on {addr}:{base + dist.rank} ({err}): set "
-            "run.metrics_port_base to free ports (or 0 to turn metrics off)"
-        ) from None
-    if dist.local_rank == 0:
-        run = run or RunDir(cfg.run.out)
-        first = dist.node * dist.local_world_size
-        ports = [base + first + i for i in range(dist.local_world_size)]
-        host = socket.gethostname() if addr in ("0.0.0.0", "::") else addr
-        name = run.name if dist.world_size == dist.local_world_size else f"{run.name}-node{dist.node}"
-        write_targets(run.local.parent, run.name, ports, host, first_rank=first, name=name)
-    return metrics
-
-
 class StoreOutage(UserError):
     """The store stayed unreachable past data.retry_deadline_s: the run stopped between two steps."""
 
     abandon_in_flight = True  # lvmae_cli exits without tearing down reads still waiting on the store
 
 
-def next_batch(batches: Any) -> tuple[dict[str, Any] | None, StoreUnavailable | None]:
-    """The next batch, or (None, the outage) when the loader gave up waiting for the store."""
+def next_batches(batches: Any, n: int) -> tuple[list[dict[str, Any]], StoreUnavailable | None]:
+    """The next `n` batches (one step's micro batches), or those got and the outage when the loader gave
+    up waiting for the store."""
+    got = []
     try:
-        return next(batches), None
+        while len(got) < n:
+            got.append(next(batches))
     except StoreUnavailable as err:
-        return None, err
+        return got, err
+    return got, None
 
 
 def outage_message(outage: StoreUnavailable | None, rank: int, step: int, kept: str) -> str:
@@ -158,21 +103,26 @@ class Trainer:
         self.device = torch.device("cuda", dist.local_rank) if cuda else torch.device("cpu")
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
 
+        self.ckpts = open_checkpoints(self.run_dir, dist.rank, dist.world_size, cfg.run.keep_last)
+        self.start = pick_checkpoint(self.ckpts, resume)
+        self.cfg = cfg = self.fit_world(cfg)  # another world size than the checkpoint's: its global batch
         self.loader = build_loader(cfg, task, dist, self.device)
+        self.loader.step_batches = cfg.data.grad_accum
         evals = getattr(cfg, "eval", None)  # pretraining runs only (train.config.EvalConfig)
         self.health = (
             HealthProbe(cfg, task, dist, loader_kwargs(cfg, dist, self.device))
             if evals is not None and evals.every
             else None
         )
-        self.ckpts = open_checkpoints(self.run_dir, dist.rank, dist.world_size, cfg.run.keep_last)
-        self.start = pick_checkpoint(self.ckpts, resume)
+        self.ckpts.meta_extra = {"global_batch": global_batch(cfg, dist.world_size)}
+        self.ckpts.meta_extra |= {"micro_batch": cfg.data.batch_size, "grad_accum": cfg.data.grad_accum}
         self.metrics = build_metrics(cfg, dist, self.run_dir)  # a busy port fails here, before any write
         self.metrics.watch_store(self.loader.retry)  # retries and stalled seconds, live while it waits
         self.config_yaml = saved_yaml(cfg)
         self.prepare_run_folder()
         self.engine, self.scheduler = self.build_engine()
         self.log = TrainLog(self.out / LOG_FILE, enabled=dist.rank == 0)
+        self.samples = sample_log(self.out, dist.rank, cfg.run.sample_log)
         self.step = self.restore()
         self.saved = self.step if self.start is not None else -1  # the step of the newest checkpoint
         self.loader_state = self.loader.state_dict()  # where the data of the last step taken ended
@@ -198,6 +148,18 @@ class Trainer:
             self.run_dir.upload(CONFIG_FILE)
         self.tdist.barrier()
 
+    def fit_world(self, cfg: Any) -> Any:
+        """The config to train with (train.elastic.fit_world): on another world size than the checkpoint's,
+        the micro batch and accumulation that keep its global batch. self.resized says what changed."""
+        self.resized, start = "", self.start
+        if start is not None:
+            if self.run_dir.remote:  # the checkpoint's config and meta: every rank reads them now
+                for name in (CONFIG_FILE, META):
+                    self.run_dir.download(f"checkpoints/{start.name}/{name}")
+            meta = json.loads((start / META).read_text()) if (start / META).is_file() else None
+            cfg, self.resized = fit_world(cfg, meta, saved_config(start / CONFIG_FILE), self.dist.world_size)
+        return cfg
+
     def build_engine(self) -> tuple[Any, Any]:
         """The task's model (seeded, under ZeRO-3's init context where it applies), its initial weights,
         then the DeepSpeed engine with AdamW and the warmup-cosine schedule."""
@@ -207,18 +169,26 @@ class Trainer:
         initial = self.task.initial_state()
         if initial is not None:  # e.g. a pretrained encoder under a fresh head
             load_full_state(model, initial)
-        engine, _, scheduler = build_engine(model, self.cfg, self.dist.world_size, self.task.lr_scale)
+        world, scale = self.dist.world_size, self.task.lr_scale
+        engine, _, scheduler = build_engine(model, self.cfg, world, scale, universal=bool(self.resized))
         return engine, scheduler
 
     def restore(self) -> int:
         """Load the checkpoint picked by --resume (engine, RNG states, loader position, log); -> its step."""
         run, start, step = self.run_dir, self.start, 0
-        if start is not None:
-            if run.remote:  # the checkpoint's config, before DeepSpeed loads weights it may not fit
-                run.download(f"checkpoints/{start.name}/{CONFIG_FILE}")
+        if start is not None:  # its config was fetched by fit_world, before DeepSpeed loads weights
             check_resumed_model(start / CONFIG_FILE, self.cfg, self.ckpts.where(start))
-            step, state = self.ckpts.load(self.engine, start)
-            self.loader.load_state_dict(state["loader"])
+            if self.resized:  # every rank's loader state: the rest of the epoch is re-sharded
+                converter = self.dist.local_rank == 0 if run.remote else self.dist.rank == 0
+                step, states = load_resized(self.ckpts, self.engine, start, converter, self.tdist.barrier)
+                left = self.loader.reshard([st["loader"] for st in states])
+                self.say(
+                    f"{self.resized}; epoch {left['epoch']}: {left['samples_left']} samples left, "
+                    f"re-sharded into {left['batches']} batches per rank"
+                )
+            else:
+                step, state = self.ckpts.load(self.engine, start)
+                self.loader.load_state_dict(state["loader"])
             if run.remote and self.dist.rank == 0:
                 run.download(LOG_FILE)  # uploaded before the checkpoint's commit: it reaches its step
             self.log.truncate(step)
@@ -227,6 +197,10 @@ class Trainer:
             self.say(f"resumed from {self.ckpts.where(start)} at step {step}")
         elif run.remote:
             self.log.truncate(0)  # a stage can hold the log of an earlier run at this URL
+        if self.cfg.run.sample_log:  # every rank's sample log, also those of ranks this run lacks
+            if self.dist.rank == 0:
+                truncate_samples(self.out, step)
+            self.tdist.barrier()
         if step > self.cfg.run.steps:
             raise CheckpointError(
                 f"{self.ckpts.where(start)} is at step {step}, past run.steps={self.cfg.run.steps}"
@@ -239,11 +213,12 @@ class Trainer:
         """Train to run.steps, export, write the summary; -> the summary (rank 0's figures)."""
         cfg, dist = self.cfg, self.dist
         n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.engine.module.parameters())
-        peak_lr = effective_lr(cfg.optim, cfg.data.batch_size * dist.world_size)
+        peak_lr = effective_lr(cfg.optim, global_batch(cfg, dist.world_size))
+        accum = f" x {cfg.data.grad_accum} accumulated" if cfg.data.grad_accum > 1 else ""
         self.say(
             f"lvmae train {self.task.name}: {n_params / 1e6:.2f} M parameters, {dist.world_size} rank(s), "
             f"ZeRO-{cfg.run.zero_stage}, {self.precision}, {self.device.type}, batch {cfg.data.batch_size}"
-            f"/rank, peak lr {peak_lr:.3g}, steps {self.step} -> {cfg.run.steps}, out {self.run_dir}"
+            f"/rank{accum}, peak lr {peak_lr:.3g}, steps {self.step} -> {cfg.run.steps}, out {self.run_dir}"
         )
         self.started, self.first_step = time.perf_counter(), self.step
         # decoding the next batches overlaps this step
@@ -253,17 +228,16 @@ class Trainer:
                 self.log.write({"step": 0, "eval": self.evaluate()})
             while self.step < cfg.run.steps:
                 t0 = time.perf_counter()
-                batch, outage = next_batch(batches)
-                if not every_rank_has(
-                    self.tdist, outage is None, self.device
-                ):  # before the step's collectives
+                group, outage = next_batches(batches, cfg.data.grad_accum)
+                # every rank learns of an outage before the step's collectives
+                if not every_rank_has(self.tdist, outage is None, self.device):
                     self.stop_for_outage(outage, batches)
-                record = self.train_step(batch, data_wait_s=time.perf_counter() - t0)  # type: ignore[arg-type]
+                record = self.train_step(group, data_wait_s=time.perf_counter() - t0)
                 stop, best = self.preemption.agreed(self.tdist, self.device), None
                 if not stop and self.health is not None and self.health.due(self.step, cfg.run.steps):
                     record["eval"] = self.evaluate()
                     best = self.beats_best(record["eval"])
-                self.log_step(record, batch)  # type: ignore[arg-type]
+                self.log_step(record, group)
                 if stop:
                     self.stop_for_preemption(batches)
                 every = cfg.run.checkpoint_every
@@ -274,44 +248,52 @@ class Trainer:
         finally:
             batches.close()
             self.log.close()
+            self.samples.close()
             self.preemption.restore()
         return self.finish(time.perf_counter() - self.started)
 
-    def train_step(self, batch: dict[str, Any], data_wait_s: float) -> dict[str, Any]:
-        """One optimizer step on `batch`; -> its log record (loss and figures averaged over ranks)."""
+    def train_step(self, group: list[dict[str, Any]], data_wait_s: float) -> dict[str, Any]:
+        """One optimizer step on `group` (data.grad_accum micro batches); -> its log record (loss and figures
+        averaged over micro batches and ranks)."""
         t1 = time.perf_counter()
-        dist, engine = self.dist, self.engine
+        dist, engine, n = self.dist, self.engine, len(group)
         lr = self.scheduler.get_last_lr()[0]
-        video = video_to(batch["video"], self.device, self.dtype)  # uint8 batches are converted there
-        gen = torch.Generator().manual_seed(step_seed(self.cfg.run.seed, self.step, dist.rank))
-        loss = self.task.loss(engine, batch, video, gen, self.step)
-        engine.backward(loss)
-        engine.step()
+        loss_sum, figures = torch.zeros(1), {}
+        for i, batch in enumerate(group):
+            video = video_to(batch["video"], self.device, self.dtype)  # uint8 batches are converted there
+            # micro batch i of rank r draws its masks as rank r x n + i of a run without accumulation would
+            seed = step_seed(self.cfg.run.seed, self.step, dist.rank * n + i)
+            loss = self.task.loss(engine, batch, video, torch.Generator().manual_seed(seed), self.step)
+            engine.backward(loss)  # DeepSpeed scales it by 1 / accumulation steps
+            engine.step()  # the optimizer steps at the last micro batch
+            loss_sum = loss_sum.to(loss.device) + loss.detach().float().reshape(1) / n
+            for key, value in self.task.step_metrics().items():
+                figures[key] = figures.get(key, 0.0) + value / n
         self.step += 1
-        loss_sum = loss.detach().float().reshape(1)
         self.tdist.all_reduce(loss_sum)  # sync point: every rank's loss, for one curve of the run
         grad_norm = engine.get_global_grad_norm()
-        extra = self.task.step_metrics()
-        if extra:  # averaged over ranks, like the loss
-            values = torch.tensor(list(extra.values()), dtype=torch.float32, device=loss_sum.device)
+        if figures:  # averaged over ranks, like the loss
+            values = torch.tensor(list(figures.values()), dtype=torch.float32, device=loss_sum.device)
             self.tdist.all_reduce(values)
-            extra = dict(zip(extra, (values / dist.world_size).tolist()))
-        self.loader_state = batch["state"]  # the loader reads ahead; this is where this step's data ended
+            figures = dict(zip(figures, (values / dist.world_size).tolist()))
+        self.loader_state = group[-1]["state"]  # the loader reads ahead; this is where this step's data ended
+        keys = [key for batch in group for key in batch["keys"]]
+        self.samples.write({"step": self.step, "epoch": group[-1]["epoch"], "keys": keys})
         return {
             "step": self.step,
             "loss": loss_sum.item() / dist.world_size,
             "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
-            "samples": len(batch["keys"]) * dist.world_size,
+            "samples": len(keys) * dist.world_size,
             "data_wait_s": round(data_wait_s, 6),
             "compute_s": round(time.perf_counter() - t1, 6),
-            "epoch": batch["epoch"],
-            **extra,
+            "epoch": group[-1]["epoch"],
+            **figures,
         }
 
-    def log_step(self, record: dict[str, Any], batch: dict[str, Any]) -> None:
+    def log_step(self, record: dict[str, Any], group: list[dict[str, Any]]) -> None:
         """The step's metrics (Prometheus), its line in train_log.jsonl, and a progress line now and then."""
-        cfg, n, loss = self.cfg, len(batch["keys"]), record["loss"]
+        cfg, n, loss = self.cfg, sum(len(batch["keys"]) for batch in group), record["loss"]
         wait, compute = record["data_wait_s"], record["compute_s"]
         self.metrics.step(
             samples=n,
@@ -337,7 +319,7 @@ class Trainer:
             self.say(f"step {self.step}: the loss is {loss} (counted in lvmae_train_nonfinite_loss_total)")
         if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
             elapsed = time.perf_counter() - self.started
-            rate = (self.step - self.first_step) * cfg.data.batch_size * self.dist.world_size
+            rate = (self.step - self.first_step) * global_batch(cfg, self.dist.world_size)
             self.say(
                 f"step {self.step}/{cfg.run.steps}  loss {loss:.4f}  lr {record['lr']:.2e}  "
                 f"{rate / max(elapsed, 1e-9):.1f} clips/s  "
@@ -365,6 +347,9 @@ class Trainer:
         """Collective: a checkpoint of this step (engine, RNG states, the loader's position, the log)."""
         rank_state = {"loader": self.loader_state, "step": self.step}
         path = self.ckpts.save(self.engine, self.step, rank_state, self.config_yaml, run_files=(LOG_FILE,))
+        if self.cfg.run.sample_log and self.run_dir.remote:  # each rank's own, beside the checkpoint
+            self.samples.flush()
+            self.run_dir.upload(self.samples.path.relative_to(self.out).as_posix())
         self.saved = self.step
         return path
 
@@ -422,7 +407,7 @@ class Trainer:
             "steps": self.step,
             "trained_steps": trained,
             "seconds": round(seconds, 2),
-            "clips_per_s": round(trained * cfg.data.batch_size * dist.world_size / max(seconds, 1e-9), 2),
+            "clips_per_s": round(trained * global_batch(cfg, dist.world_size) / max(seconds, 1e-9), 2),
             "export": run.where(exported) if exported else None,
             "peak_memory": dict(zip(("kind", "bytes"), peak_memory_bytes())),
             "loader": dict(self.loader.stats),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import threading
 from pathlib import Path
@@ -58,39 +59,62 @@ def rank_pids(launcher_pid: int) -> dict[int, int]:
 
 
 class RankWatch(threading.Thread):
-    """Every `interval` s: the ranks below the launcher; one gone without its exit mark is lost. The watch
-    ends when a rank exits on its own first (the end, an error: the launcher then stops the others, which
-    is no loss), or on stop() (a preemption signal passed to the ranks: they may be stopped uncleanly
-    once they have saved)."""
+    """The ranks below the launcher, found every `interval` s and each watched through a pidfd, so that the
+    watch wakes the moment one ends: one gone without its exit mark is lost. Waking at once matters: the
+    launchers kill the other ranks soon after one dies (DeepSpeed's at its next poll, within a second), and
+    a watch that only looked every so often would find them all gone and could not tell which went first.
+    The watch ends when a rank exits on its own first (the end, an error: the launcher then stops the
+    others, which is no loss), or on stop() (a preemption signal passed to the ranks: they may be stopped
+    uncleanly once they have saved)."""
 
-    def __init__(self, launcher_pid: int, marks: Path, interval: float = 0.5):
+    def __init__(self, launcher_pid: int, marks: Path, interval: float = 0.2):
         super().__init__(name="lvmae-rank-watch", daemon=True)
         self.launcher_pid, self.marks, self.interval = launcher_pid, marks, interval
-        self.lost: tuple[int, int] | None = None  # (rank, pid)
+        self.lost: list[tuple[int, int]] = []  # (rank, pid) of each rank lost
         self._stop = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> None:
-        known: dict[int, int] = {}
-        while not self._stop.wait(self.interval):
-            now = rank_pids(self.launcher_pid)
-            gone = [(rank, pid) for pid, rank in known.items() if pid not in now]
-            lost = [(rank, pid) for rank, pid in gone if not (self.marks / f"rank-{rank}").exists()]
-            if len(lost) < len(gone):  # a rank exited on its own (done, an error): the launcher takes over
-                return
-            if lost:
-                self.lost = min(lost)
-                rank, pid = self.lost
-                print(
-                    f"lvmae launch: rank {rank} (pid {pid}) is gone without exiting (killed, or its node "
-                    f"lost): stopping the other {len(now)} rank(s), which cannot go on without it; "
-                    "`--resume auto` continues from the last checkpoint",
-                    flush=True,
-                )
-                for other in now:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(other, signal.SIGKILL)
-                return
-            known.update(now)
+        watched: dict[int, tuple[int, int]] = {}  # pidfd -> (rank, pid)
+        try:
+            while not self._stop.is_set():
+                pids = {pid for _, pid in watched.values()}
+                gone: list[tuple[int, int]] = []
+                for pid, rank in rank_pids(self.launcher_pid).items():
+                    if pid not in pids:
+                        try:
+                            watched[os.pidfd_open(pid)] = (rank, pid)
+                        except ProcessLookupError:  # ended between the listing and here
+                            gone.append((rank, pid))
+                ready = select.select(list(watched), [], [], self.interval)[0] if watched and not gone else []
+                for fd in ready:
+                    gone.append(watched.pop(fd))
+                    os.close(fd)
+                if gone and self._judge(gone, [pid for _, pid in watched.values()]):
+                    return
+                if not watched and not gone:
+                    self._stop.wait(self.interval)
+        finally:
+            for fd in watched:
+                os.close(fd)
+
+    def _judge(self, gone: list[tuple[int, int]], others: list[int]) -> bool:
+        """Ranks just ended: -> whether the watch is over (a clean exit among them, or a loss, reported and
+        the others killed)."""
+        lost = sorted((rank, pid) for rank, pid in gone if not (self.marks / f"rank-{rank}").exists())
+        if len(lost) < len(gone):  # a rank exited on its own (done, an error): the launcher takes over
+            return True
+        self.lost = lost
+        who = ", ".join(f"rank {rank} (pid {pid})" for rank, pid in lost)
+        print(
+            f"lvmae launch: {who} {'is' if len(lost) == 1 else 'are'} gone without exiting (killed, or its "
+            f"node lost): stopping the other {len(others)} rank(s), which cannot go on without it; "
+            "`--resume auto` continues from the last checkpoint",
+            flush=True,
+        )
+        for other in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(other, signal.SIGKILL)
+        return True

@@ -240,7 +240,8 @@ def test_kill_9_during_an_upload_then_resume_from_the_store(
     s3_server, bucket, straight, train_data, tmp_path
 ):
     """kill -9 while step 8 is half uploaded: the store keeps step 4 and `latest`; a resume on fresh stage
-    folders fetches step 4, drops the half upload and trains to exactly the uninterrupted run's losses."""
+    folders fetches step 4, drops the half upload and trains to exactly the uninterrupted run's losses.
+    Then the run goes on on one rank from the store (train.elastic)."""
     url = f"{bucket}/runs/killed"
     fs = s3_server.filesystem()
     env = s3_env(s3_server)
@@ -274,6 +275,14 @@ def test_kill_9_during_an_upload_then_resume_from_the_store(
     assert steps == ["latest", STEP8, STEP12]
     assert fs.exists(f"{url}/checkpoints/{STEP8}/meta.json")
     print(f"\nupload per checkpoint after resume (s): {upload_times(text)}")
+
+    # ... and on one rank (a node lost): step 12 fetched whole into a fresh stage, converted, 2 more steps
+    args = [*remote_args(train_data, url, tmp_path / "third", "run.steps=14"), "--resume", "auto"]
+    text = finish(launch(args, env=env, nproc=1))
+    assert "written by 2 ranks, this run has 1: global batch 4 kept as 2 clips x 2 accumulation" in text
+    assert [s for s, _, _ in store_log(fs, url, tmp_path)] == list(range(1, 15))
+    fs.invalidate_cache()
+    assert not [p for p in fs.ls(f"{url}/checkpoints") if "universal" in p]  # the scratch stays local
 
 
 @pytest.mark.slow

@@ -66,6 +66,15 @@ def fit_world(
     )
 
 
+def converts(remote: bool, stage_dir: str | None, rank: int, local_rank: int) -> bool:
+    """Whether this rank converts the checkpoint for the ranks that read its folder: rank 0 of a local (or
+    shared) run folder; on object storage the first rank of each stage (every rank, with `{rank}` in
+    run.stage_dir; else the first of each node)."""
+    if not remote:
+        return rank == 0
+    return "{rank}" in (stage_dir or "") or local_rank == 0
+
+
 def load_resized(
     ckpts: Checkpoints, engine: Any, path: Path, converter: bool, barrier: Any
 ) -> tuple[int, list]:

@@ -38,7 +38,7 @@ from train.checkpoint import META, CheckpointError, open_checkpoints, step_name
 from train.config import global_batch, saved_yaml
 from train.decoders import video_to
 from train.dist import every_rank_has, join_process_group
-from train.elastic import fit_world, load_resized
+from train.elastic import converts, fit_world, load_resized
 from train.engine import (
     build_engine,
     effective_lr,
@@ -179,7 +179,7 @@ class Trainer:
         if start is not None:  # its config was fetched by fit_world, before DeepSpeed loads weights
             check_resumed_model(start / CONFIG_FILE, self.cfg, self.ckpts.where(start))
             if self.resized:  # every rank's loader state: the rest of the epoch is re-sharded
-                converter = self.dist.local_rank == 0 if run.remote else self.dist.rank == 0
+                converter = converts(run.remote, self.cfg.run.stage_dir, self.dist.rank, self.dist.local_rank)
                 step, states = load_resized(self.ckpts, self.engine, start, converter, self.tdist.barrier)
                 left = self.loader.reshard([st["loader"] for st in states])
                 self.say(

@@ -12,7 +12,10 @@ The rank command is parsed and its config checked here, once, rather than failin
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -54,6 +57,17 @@ def launcher_command(
             cmd += [f"--node_rank={node_rank or 0}"]
         cmd += [f"--master_addr={master_addr or '127.0.0.1'}"]
         return [*cmd, "-m", "lvmae_cli", *rest]
+    if not hostfile:
+        # This machine only: DeepSpeed's per-node launcher (deepspeed.launcher.launch) started directly, with
+        # the arguments its runner would give it for --num_gpus N, --master_addr 127.0.0.1 (ranks 0..N-1 on
+        # `localhost`, their CUDA_VISIBLE_DEVICES set by it). The runner would only add a Python start-up
+        # that imports DeepSpeed (about 3 s here) before doing the same.
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("DeepSpeed is not installed (pip install deepspeed), or use --launcher torchrun")
+        world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc or 1))}).encode()).decode()
+        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}"]
+        cmd += [f"--master_addr={master_addr or '127.0.0.1'}", f"--master_port={master_port}"]
+        return [*cmd, "--module", "--no_local_rank", "--log_level=info", "lvmae_cli", *rest]
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     deepspeed = shutil.which("deepspeed", path=search)
     if deepspeed is None:
@@ -61,19 +75,13 @@ def launcher_command(
             "the deepspeed launcher is not installed (pip install deepspeed), or use --launcher torchrun"
         )
     cmd = [deepspeed]
-    if nproc is not None or not hostfile:
-        cmd += [f"--num_gpus={nproc or 1}"]
-    cmd += [f"--master_port={master_port}"]
-    if hostfile:
-        cmd += [f"--hostfile={hostfile}"]
-        if num_nodes:
-            cmd += [f"--num_nodes={num_nodes}"]
-        if master_addr:
-            cmd += [f"--master_addr={master_addr}"]
-    else:
-        # DeepSpeed reads /job/hostfile by default and goes multi-node if it exists; /dev/null is not a
-        # regular file, which it takes as "this machine only".
-        cmd += ["--hostfile=/dev/null", f"--master_addr={master_addr or '127.0.0.1'}"]
+    if nproc is not None:
+        cmd += [f"--num_gpus={nproc}"]
+    cmd += [f"--master_port={master_port}", f"--hostfile={hostfile}"]
+    if num_nodes:
+        cmd += [f"--num_nodes={num_nodes}"]
+    if master_addr:
+        cmd += [f"--master_addr={master_addr}"]
     return [*cmd, "--no_local_rank", "--module", "lvmae_cli", *rest]
 
 

@@ -7,6 +7,7 @@ the launchers, checkpoints, kill -9 and resume, export, and the errors users mee
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -211,8 +212,14 @@ def test_launcher_commands():
         "lvmae_cli",
         *rest,
     ]
-    local = launcher_command("deepspeed", 2, rest)
-    assert {"--num_gpus=2", "--hostfile=/dev/null", "--master_addr=127.0.0.1"} <= set(local)
+    local = launcher_command("deepspeed", 2, rest, master_port=1234)  # DeepSpeed's node launcher, directly
+    assert local[1:4] == ["-u", "-m", "deepspeed.launcher.launch"] and local[-len(rest) - 1 :] == [
+        "lvmae_cli",
+        *rest,
+    ]
+    world = next(a for a in local if a.startswith("--world_info="))[len("--world_info=") :]
+    assert json.loads(base64.urlsafe_b64decode(world)) == {"localhost": [0, 1]}
+    assert {"--master_addr=127.0.0.1", "--master_port=1234", "--module", "--no_local_rank"} <= set(local)
     assert "--num_gpus=8" in launcher_command("deepspeed", 8, rest, hostfile="hosts")
     tr = launcher_command(
         "torchrun", 2, rest, num_nodes=2, node_rank=1, master_addr="10.0.0.1", master_port=1234

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def exit_now(code: int) -> None:
     """Exit after the exit hooks, without the interpreter's teardown: for a run that stops because its
     store is gone, whose reads still in flight (zarr's event loop, s3fs) would otherwise be torn down
-    with a page of "Task was destroyed" tracebacks under its one-line error."""
+    with a page of "Task was destroyed" tracebacks under its one-line error; and for every
+    `python -m lvmae_cli` (lvmae_cli/__main__.py), whose teardown only costs time. Files must be closed
+    by then (they are: every writer closes its own)."""
     import atexit
     import os
 

@@ -74,28 +74,22 @@ def test_two_ranks_then_one_then_two_train_on_every_sample_once(
 ):
     ref = uninterrupted if stage == 3 else zero1
     one, two = tmp_path / "one", tmp_path / "two"
-    common = (f"run.zero_stage={stage}", "run.sample_log=true")
+
+    def resume(out: Path, nproc: int, steps: int, checkpoint: Path, plan: str) -> str:
+        args = [
+            *mae_args(train_data, out, f"run.zero_stage={stage}", "run.sample_log=true", f"run.steps={steps}")
+        ]
+        text = finish(launch([*args, "--resume", str(checkpoint)], nproc=nproc))
+        assert plan in text, text[-3000:]
+        return text
+
     # 2 ranks -> 1 after step 8 (a lost node): the global batch of 4 by 2 clips x 2 accumulated
-    args = [
-        *mae_args(train_data, one, *common, "run.steps=10"),
-        "--resume",
-        str(ref / "checkpoints/step-00000008"),
-    ]
-    text = finish(launch(args, nproc=1))
-    assert "written by 2 ranks, this run has 1: global batch 4 kept as 2 clips x 2 accumulation" in text, (
-        text[-3000:]
-    )
+    text = resume(one, 1, 10, ref / "checkpoints/step-00000008", "written by 2 ranks, this run has 1: global "
+                  "batch 4 kept as 2 clips x 2 accumulation")  # fmt: skip
     assert re.search(r"epoch 0: \d+ samples left, re-sharded into \d+ batches per rank", text), text[-3000:]
     # 1 rank -> 2 after step 10 (the node is back), on past the end of the epoch (18 steps of 4)
-    args = [
-        *mae_args(train_data, two, *common, "run.steps=20"),
-        "--resume",
-        str(one / "checkpoints/step-00000010"),
-    ]
-    text = finish(launch(args, nproc=2))
-    assert "written by 1 ranks, this run has 2: global batch 4 kept as 2 clips x 1 accumulation" in text, (
-        text[-3000:]
-    )
+    resume(two, 2, 20, one / "checkpoints/step-00000010", "written by 1 ranks, this run has 2: global batch 4 "
+           "kept as 2 clips x 1 accumulation")  # fmt: skip
 
     # the same samples, step by step, as the run that never changed (to its end, step 12)
     expected, got = step_keys(ref), {**step_keys(one), **step_keys(two)}

@@ -83,8 +83,8 @@ class OptimConfig:
 
     lr: float = 1.5e-4
     # 0: lr is the peak rate, whatever the batch. N > 0: lr is the rate at a global batch of N, and the run
-    # uses lr x global batch / N (global batch: data.batch_size x data.grad_accum x ranks), MAE's and VideoMAE's rule with
-    # N = 256 (train.engine.effective_lr). min_lr stays absolute.
+    # uses lr x global batch / N (global batch: data.batch_size x data.grad_accum x ranks), MAE's and
+    # VideoMAE's rule with N = 256 (train.engine.effective_lr). min_lr stays absolute.
     lr_reference_batch: int = 0
     min_lr: float = 1e-6
     weight_decay: float = 0.05
@@ -148,7 +148,7 @@ class RunConfig:
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     preempt_grace_s: float = 120.0
     # Every rank writes the keys of the samples it trained on at each step to RUN/samples/rank-R.jsonl
-    # (train.runlog.SampleLog), so that anyone can audit that an epoch saw each sample once
+    # (train.runlog.sample_log), so that anyone can audit that an epoch saw each sample once
     sample_log: bool = False
 
     def validate(self, prefix: str = "run") -> None:

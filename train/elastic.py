@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lvmae.errors import UserError
-from train.checkpoint import META, Checkpoints, set_rng_state
+from train.checkpoint import META, CheckpointError, Checkpoints, set_rng_state
 from train.config import global_batch
 
 
@@ -92,11 +92,15 @@ def load_resized(
         shutil.rmtree(scratch, ignore_errors=True)
         to_universal(path, scratch)
     barrier()
-    load_universal_checkpoint(engine, scratch)
+    loaded = load_universal_checkpoint(engine, scratch)
     barrier()
     if converter:
         shutil.rmtree(scratch, ignore_errors=True)
         (ckpts.dir / "latest_universal").unlink(missing_ok=True)
+    if not loaded:  # as Checkpoints.load says it
+        raise CheckpointError(
+            f"DeepSpeed could not load {ckpts.where(path)} (converted to its universal format)"
+        )
     states = [json.loads((path / f"rank-{r:05d}.json").read_text()) for r in range(int(meta["world_size"]))]
     if ckpts.rank < len(states):
         set_rng_state(states[ckpts.rank]["rng"])

@@ -50,8 +50,8 @@ def _lr_factor(step: int, cfg: OptimConfig) -> float:
 
 
 def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """The peak learning rate of a run of `global_batch` clips a step (data.batch_size x data.grad_accum x ranks): cfg.lr
-    when cfg.lr_reference_batch is 0, else the linear scaling rule, cfg.lr x global_batch /
+    """The peak learning rate of a run of `global_batch` clips a step (data.batch_size x data.grad_accum x
+    ranks): cfg.lr when cfg.lr_reference_batch is 0, else the linear scaling rule, cfg.lr x global_batch /
     cfg.lr_reference_batch (MAE and VideoMAE: base rate 1.5e-4 at a reference batch of 256)."""
     if cfg.lr_reference_batch == 0:
         return cfg.lr
@@ -213,12 +213,13 @@ def to_universal(checkpoint: Path, out: Path) -> None:
     main(argparse.Namespace(**args))
 
 
-def load_universal_checkpoint(engine: Any, folder: Path) -> None:
+def load_universal_checkpoint(engine: Any, folder: Path) -> bool:
     """Collective. Load a universal checkpoint (to_universal) into an engine built with universal=True:
     weights, AdamW moments and step, the lr schedule's step (its rates stay this run's, follow_schedule).
     Two DeepSpeed 0.19.8 slips of its ZeRO-3 universal load are undone (harmless below ZeRO-3): every
     parameter group gets the first group's hyperparameters (the no-decay group would decay), and every
-    flat group shares one AdamW step tensor (each optimizer step would advance it once per group)."""
+    flat group shares one AdamW step tensor (each optimizer step would advance it once per group).
+    -> False when DeepSpeed loaded nothing."""
     base_lrs = list(engine.lr_scheduler.base_lrs)
     groups = engine.optimizer.param_groups
     hparams = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
@@ -226,7 +227,7 @@ def load_universal_checkpoint(engine: Any, folder: Path) -> None:
         str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {folder}")
+        return False
     follow_schedule(engine.lr_scheduler, base_lrs)
     for group, saved in zip(engine.optimizer.param_groups, hparams, strict=True):
         group.update(saved)
@@ -234,6 +235,7 @@ def load_universal_checkpoint(engine: Any, folder: Path) -> None:
     for state in inner.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+    return True
 
 
 def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

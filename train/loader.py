@@ -93,6 +93,11 @@ class TokenJoin:
         return torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(priority.astype(np.float32))
 
 
+def saved_lanes(state: dict[str, Any]) -> list[ln.Lane]:
+    """The lanes of a saved loader state, each past what its rank took of it."""
+    return [ln.from_dict(d).advance(t) for d, t in zip(state["lanes"], state["taken"], strict=True)]
+
+
 class ClipLoader:
     """Batches {"video" (B, 3, T, H, W) float, "keys", "codes"?, "priority"?, "labels"?, "epoch", "state"} from a clip
     data set. "state" is state_dict() as of right after this batch: a consumer that reads batches ahead (in
@@ -219,11 +224,7 @@ class ClipLoader:
         self.batches = int(state.get("batches", 0))
         self.lanes = None
         if "lanes" in state:  # in an epoch re-sharded earlier: its lanes, past what they gave
-            self._set_lanes(
-                [ln.from_dict(d).advance(t) for d, t in zip(state["lanes"], state["taken"], strict=True)],
-                state["layout"],
-                state["limit"],
-            )
+            self._set_lanes(saved_lanes(state), state["layout"], state["limit"])
 
     def _set_lanes(self, lanes: list[ln.Lane], layout: int, limit: int) -> None:
         self.lanes, self.lane_taken = lanes, [0] * len(lanes)
@@ -246,13 +247,11 @@ class ClipLoader:
         layout = int(states[0].get("layout", states[0]["world_size"]))
         for st in states:
             if "lanes" in st:
-                old += [ln.from_dict(d).advance(t) for d, t in zip(st["lanes"], st["taken"], strict=True)]
+                old += saved_lanes(st)
                 continue
             world, batch, accum = int(st["world_size"]), int(st["batch_size"]), int(st.get("step_batches", 1))
-            limit = self.batches_per_epoch(epoch, world, batch, accum)
-            if limit is None:  # a rank on its own draws its whole stream (full batches)
-                limit = self.stream_samples(epoch, st["rank"], world) // batch
-            end = max(0, limit - int(st["batches"])) * batch  # what the run would still have drawn
+            # what the old run would still have drawn (a rank on its own: its whole stream, full batches)
+            end = max(0, self.even_limit(epoch, world, batch, accum) - int(st["batches"])) * batch
             old.append(ln.Lane(st["rank"], int(st["consumed"]), batch * accum, 0, batch * accum, 0, end))
         try:
             shares = ln.split(old, self.world_size)
@@ -273,25 +272,18 @@ class ClipLoader:
         names = split_by_rank(shard_order(self.shards, self.seed, epoch), rank, world_size)
         return sum(self.shard_samples[n] for n in names)
 
-    def batches_per_epoch(
-        self,
-        epoch: int,
-        world_size: int | None = None,
-        batch_size: int | None = None,
-        step_batches: int | None = None,
-    ) -> int | None:
-        """The batches every rank yields in `epoch`: with even_batches, the fewest any rank's stream fills,
-        rounded down to whole steps (step_batches) so that no step spans two epochs; else None (as many as
-        there are) unless steps accumulate batches. By default for this loader's layout; world_size,
-        batch_size and step_batches for another's (a run of more than one rank has even batches)."""
-        world = self.world_size if world_size is None else world_size
-        batch = self.batch_size if batch_size is None else batch_size
-        accum = self.step_batches if step_batches is None else step_batches
-        even = self.even_batches if world_size is None else world > 1
-        if not even and accum == 1:
+    def batches_per_epoch(self, epoch: int) -> int | None:
+        """The batches every rank yields in `epoch`: with even_batches or accumulating steps, even_limit at
+        this loader's layout; else None (as many as there are)."""
+        if not self.even_batches and self.step_batches == 1:
             return None
-        fewest = min(self.stream_samples(epoch, r, world) for r in range(world)) // batch
-        return fewest // accum * accum
+        return self.even_limit(epoch, self.world_size, self.batch_size, self.step_batches)
+
+    def even_limit(self, epoch: int, world_size: int, batch_size: int, step_batches: int) -> int:
+        """The batches of `batch_size` the fewest-filled stream of a layout of `world_size` ranks gives in
+        `epoch`, rounded down to whole steps of `step_batches` so that no step spans two epochs."""
+        fewest = min(self.stream_samples(epoch, r, world_size) for r in range(world_size)) // batch_size
+        return fewest // step_batches * step_batches
 
     def samples(self, epoch: int, rank: int | None = None, world_size: int | None = None) -> Iterator[Sample]:
         """This rank's samples of `epoch` (or stream `rank` of a layout of `world_size` ranks), shuffled, as

@@ -114,8 +114,11 @@ class Trainer:
             if evals is not None and evals.every
             else None
         )
-        self.ckpts.meta_extra = {"global_batch": global_batch(cfg, dist.world_size)}
-        self.ckpts.meta_extra |= {"micro_batch": cfg.data.batch_size, "grad_accum": cfg.data.grad_accum}
+        self.ckpts.meta_extra = {  # the batch plan, which a resume on another world size keeps
+            "global_batch": global_batch(cfg, dist.world_size),
+            "micro_batch": cfg.data.batch_size,
+            "grad_accum": cfg.data.grad_accum,
+        }
         self.metrics = build_metrics(cfg, dist, self.run_dir)  # a busy port fails here, before any write
         self.metrics.watch_store(self.loader.retry)  # retries and stalled seconds, live while it waits
         self.config_yaml = saved_yaml(cfg)

@@ -217,7 +217,7 @@ def summarize(args: argparse.Namespace, rows: list[str], runs: list[dict], extra
             differences.append(d)
     return {
         "name": extra["name"], "commit": extra["commit"], "machine": f"{os.cpu_count()} CPUs",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("work", "fresh", "table")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("work", "fresh", "table", "name")},
         "tasks": args.tasks, "chance": {t: CHANCE[t] for t in args.tasks}, "test_clips": extra["test_clips"],
         "tokenizer_seconds": extra["tokenizer_seconds"], "seconds": round(time.perf_counter() - extra["started"], 1),
         "complete": extra["complete"], "table": table, "differences": differences, "runs": runs,
@@ -241,12 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="working folder (default bench/work/ablations[_quick])")
     p.add_argument("--fresh", action="store_true", help="delete the working folder first")
     p.add_argument("--table", action="store_true", help="write the results file's table into the docs")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="results file bench/results/NAME.json (ablations; quick: ablations_quick)",
+    )
     args = p.parse_args(argv)
     q = args.quick
-    name = "ablations_quick" if q else "ablations"
+    name = args.name or ("ablations_quick" if q else "ablations")
     if args.table:
         result = json.loads((RESULTS / f"{name}.json").read_text())
-        write_between(DOC, report.MARKERS, report.markdown(result))
+        write_between(DOC, report.markers(name), report.markdown(result))
         print(report.markdown(result))
         return 0
     args.seeds = args.seeds or (1 if q else 5)

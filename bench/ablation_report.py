@@ -71,11 +71,15 @@ def markdown(result: dict[str, Any]) -> str:
         cells = " | ".join(pct(d.get(t), signed=True) for t in tasks)
         lines.append(f"| {d['a']} - {d['b']} | {cells} |")
     s = result["settings"]
+    # the seeds each row has (a bench stopped early has fewer than it was asked for)
+    counts = sorted({m["n"] for e in result["table"] for m in e.values() if isinstance(m, dict) and "n" in m})
+    seeds = "-".join(dict.fromkeys(str(n) for n in (counts[0], counts[-1]))) if counts else s["seeds"]
+    partial = "" if result.get("complete") else f" (stopped before its {s['seeds']} seeds)"
     lines.append(
-        f"\nMean [95% interval] over {s['seeds']} seeds; chance "
+        f"\nMean [95% interval] over {seeds} seeds{partial}; chance "
         + ", ".join(f"{t} {100 * result['chance'][t]:.0f}%" for t in tasks)
         + "; test clips "
-        + ", ".join(f"{t} {result['test_clips'][t]}" for t in tasks)
+        + ", ".join(f"{t} {result['test_clips'].get(t, '-')}" for t in tasks)
         + f". {s['steps']} LVMAE steps, a {s['tokenizer_steps']}-step tokenizer; bench/results/{result['name']}.json, "
         f"commit {result['commit']}."
     )

@@ -32,6 +32,9 @@ from lvmae_cli.train_cmd import add_train_parser, load_task
 # What starts the ranks: deepspeed and torchrun start them from here; under slurm, srun has started one
 # `lvmae launch` per task and each becomes a rank (train.slurm maps Slurm's variables to the rank's).
 LAUNCHERS = ("deepspeed", "torchrun", "slurm")
+NO_DEEPSPEED = (
+    "DeepSpeed and its launcher are not installed (pip install deepspeed), or use --launcher torchrun"
+)
 
 
 def launcher_command(
@@ -63,7 +66,7 @@ def launcher_command(
         # `localhost`, their CUDA_VISIBLE_DEVICES set by it). The runner would only add a Python start-up
         # that imports DeepSpeed (about 3 s here) before doing the same.
         if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("DeepSpeed is not installed (pip install deepspeed), or use --launcher torchrun")
+            raise UserError(NO_DEEPSPEED)
         world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc or 1))}).encode()).decode()
         cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}"]
         cmd += [f"--master_addr={master_addr or '127.0.0.1'}", f"--master_port={master_port}"]
@@ -71,9 +74,7 @@ def launcher_command(
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     deepspeed = shutil.which("deepspeed", path=search)
     if deepspeed is None:
-        raise UserError(
-            "the deepspeed launcher is not installed (pip install deepspeed), or use --launcher torchrun"
-        )
+        raise UserError(NO_DEEPSPEED)
     cmd = [deepspeed]
     if nproc is not None:
         cmd += [f"--num_gpus={nproc}"]

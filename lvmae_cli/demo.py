@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-steps", type=int, default=150)
     parser.add_argument("--mae-steps", type=int, default=300, help="the run stops half way and resumes")
     parser.add_argument("--probe-epochs", type=int, default=100)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="of the tokenizer's and LVMAE's runs and the probes"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -169,7 +172,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         f"optim.total_steps={steps}",
         f"optim.warmup_steps={min(10, steps // 4)}",
     ]
-    tok_args += ["run.metrics_port_base=0"]
+    tok_args += ["run.metrics_port_base=0", f"run.seed={args.seed}"]
     launch("tokenizer", [*tok_args, "--resume", "auto"], logs / "tokenizer.log")
     from evals.tokenizer_eval import run_eval_tokenizer, summary_lines
 
@@ -204,7 +207,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
         f"optim.total_steps={total}",
         f"optim.warmup_steps={min(20, total // 4)}",
     ]
-    mae_args += [f"run.checkpoint_every={half}"]
+    mae_args += [f"run.checkpoint_every={half}", f"run.seed={args.seed}"]
     # the health probe inside the run: k-NN on the val videos at step 0 (random init), every sixth of the
     # run and at its end; the best step's checkpoint is kept
     mae_args += [f"eval.every={max(1, total // 6)}", "eval.split=val", "run.keep_best=true"]
@@ -222,7 +225,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, data: str) -> dict:
 
     probes = {}
     for kind, random_init in (("pretrained", False), ("random_init", True)):
-        cfg = ProbeConfig(epochs=args.probe_epochs, random_init=random_init)
+        cfg = ProbeConfig(epochs=args.probe_epochs, random_init=random_init, seed=args.seed)
         probes[kind] = run_probe(str(mae_run / "export"), data, cfg, out=str(out / "probe" / kind))
         print(f"  {summary_line(probes[kind])}", flush=True)
 

@@ -158,6 +158,18 @@ def test_order_events_never_share_a_quarter_window():
             assert second[0] - first[-1] >= window  # no window of T // 4 frames holds both
 
 
+def test_the_two_labels_of_one_seed_differ_only_where_the_flashes_are():
+    """What bench/flash_priority.py rests on: one scene, the class evidence swapped; the pixels that
+    differ are the red and the blue squares, nowhere else."""
+    for seed in range(5):
+        a, b = (make_clip("order", label, seed, 128, SIZE) for label in (0, 1))
+        differ = np.any(a != b, axis=-1)
+        painted = ((a == [255, 0, 0]) | (a == [0, 0, 255])).all(-1)
+        assert np.array_equal(differ, painted) and differ.any()
+        frames = np.flatnonzero(differ.any((1, 2)))
+        assert len(frames) == 2 * event_length(128)
+
+
 def test_count_flashes_are_separate_at_the_shortest_length():
     for flashes in (2, 3, 4, 5):
         for seed in range(10):

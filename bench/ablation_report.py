@@ -15,6 +15,8 @@ from typing import Any
 
 from scipy import stats
 
+LEARNED = 0.75  # a score on the pretraining task above which a seed counts as having learned it
+
 
 def markers(name: str) -> tuple[str, str]:
     """The docs' markers around results file `name`'s table."""
@@ -52,9 +54,9 @@ def markdown(result: dict[str, Any]) -> str:
     tasks = result["tasks"]
     head = " | ".join(f"{t} top-1 %" for t in tasks)
     lines = [
-        f"| pretraining (decoder masking, targets, clip) | clips x steps | {head} | order, 4 x 32-frame views % "
-        "| pretraining s | peak RSS GiB |",
-        "|---|---|" + "---|" * len(tasks) + "---|---|---|",
+        f"| pretraining (decoder masking, targets, clip) | clips x steps | {head} | seeds over "
+        f"{100 * LEARNED:.0f}% on {tasks[0]} | order, 4 x 32-frame views % | pretraining s | peak RSS GiB |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
     ]
     for e in result["table"]:
         sched = f"{e['batch']} x {e['steps']}" if "batch" in e else "-"
@@ -62,8 +64,14 @@ def markdown(result: dict[str, Any]) -> str:
         mem = f"{e['peak_memory_bytes']['mean'] / 2**30:.2f}" if "peak_memory_bytes" in e else "-"
         cells = " | ".join(pct(e.get(f"{t}_top1")) for t in tasks)
         same = f" (the runs of {e['same_as']})" if e.get("same_as") else ""
+        # a seed learns the task or it does not (the runs' scores fall in two groups): how many did
+        scores = [
+            r[f"{tasks[0]}_top1"] for r in result["runs"] if r["row"] == e["row"] and f"{tasks[0]}_top1" in r
+        ]
+        learned = f"{sum(x > LEARNED for x in scores)} of {len(scores)}"
         lines.append(
-            f"| {e['row']}{same} | {sched} | {cells} | {pct(e.get('order_32f_views_top1'))} | {sec} | {mem} |"
+            f"| {e['row']}{same} | {sched} | {cells} | {learned} | {pct(e.get('order_32f_views_top1'))} "
+            f"| {sec} | {mem} |"
         )
     lines += ["", "| difference (paired by seed) | " + " | ".join(f"{t}, points" for t in tasks) + " |"]
     lines.append("|---|" + "---|" * len(tasks))

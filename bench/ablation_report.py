@@ -102,18 +102,26 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     table, tasks = result["table"], result["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 0.5 * len(table) + 1.5), sharey=True)
-    for ax, task in zip([axes] if len(tasks) == 1 else axes, tasks):
+    axes = [axes] if len(tasks) == 1 else list(axes)
+    # every panel puts a row at its place in the table (a task only some rows are probed on leaves gaps):
+    # the panels share one y axis, so the row names are set once, for all of them
+    axes[0].set_yticks(range(len(table)), [e["row"] for e in table])
+    axes[0].invert_yaxis()
+    for ax, task in zip(axes, tasks):
         key = f"{task}_top1"
-        rows = [e for e in table if key in e]
+        places = [i for i, e in enumerate(table) if key in e]
+        rows = [table[i] for i in places]
         means = [100 * e[key]["mean"] for e in rows]
         err = [
             [100 * (e[key]["mean"] - e[key].get("lo", e[key]["mean"])) for e in rows],
             [100 * (e[key].get("hi", e[key]["mean"]) - e[key]["mean"]) for e in rows],
         ]
-        ax.barh(range(len(rows)), means, xerr=err, color="tab:blue", capsize=3)
+        ax.barh(places, means, xerr=err, color="tab:blue", alpha=0.6, capsize=3)
+        # each seed's score: a seed learns a task or it does not, which the mean hides
+        for place, e in zip(places, rows):
+            seeds = [100 * r[key] for r in result["runs"] if r["row"] == e["row"] and key in r]
+            ax.plot(seeds, [place] * len(seeds), "k.", ms=5, label="a seed" if place == places[0] else None)
         ax.axvline(100 * result["chance"][task], color="grey", ls="--", label="chance")
-        ax.set_yticks(range(len(rows)), [e["row"] for e in rows])
-        ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_xlabel(f"{task}: test top-1 % (mean, 95% interval)")
         ax.legend(loc="lower right")

@@ -42,6 +42,11 @@ def paired(runs: list[dict], a: str, b: str, key: str) -> dict[str, float] | Non
     return interval([by_seed[a, s] - by_seed[b, s] for s in seeds])
 
 
+def seed_scores(result: dict[str, Any], row: str, key: str) -> list[float]:
+    """Every run's `key` of `row`, seed by seed."""
+    return [r[key] for r in result["runs"] if r["row"] == row and key in r]
+
+
 def pct(s: dict[str, float] | None, signed: bool = False) -> str:
     if not s:
         return "-"
@@ -64,10 +69,8 @@ def markdown(result: dict[str, Any]) -> str:
         mem = f"{e['peak_memory_bytes']['mean'] / 2**30:.2f}" if "peak_memory_bytes" in e else "-"
         cells = " | ".join(pct(e.get(f"{t}_top1")) for t in tasks)
         same = f" (the runs of {e['same_as']})" if e.get("same_as") else ""
-        # a seed learns the task or it does not (the runs' scores fall in two groups): how many did
-        scores = [
-            r[f"{tasks[0]}_top1"] for r in result["runs"] if r["row"] == e["row"] and f"{tasks[0]}_top1" in r
-        ]
+        # a seed mostly learns the task or does not, which the mean hides: how many did
+        scores = seed_scores(result, e["row"], f"{tasks[0]}_top1")
         learned = f"{sum(x > LEARNED for x in scores)} of {len(scores)}"
         lines.append(
             f"| {e['row']}{same} | {sched} | {cells} | {learned} | {pct(e.get('order_32f_views_top1'))} "
@@ -81,7 +84,9 @@ def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     # the seeds each row has (a bench stopped early has fewer than it was asked for)
     counts = sorted({m["n"] for e in result["table"] for m in e.values() if isinstance(m, dict) and "n" in m})
-    seeds = "-".join(dict.fromkeys(str(n) for n in (counts[0], counts[-1]))) if counts else s["seeds"]
+    seeds = (
+        s["seeds"] if not counts else counts[0] if counts[0] == counts[-1] else f"{counts[0]}-{counts[-1]}"
+    )
     partial = "" if result.get("complete") else f" (stopped before its {s['seeds']} seeds)"
     lines.append(
         f"\nMean [95% interval] over {seeds} seeds{partial}; chance "
@@ -117,9 +122,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             [100 * (e[key].get("hi", e[key]["mean"]) - e[key]["mean"]) for e in rows],
         ]
         ax.barh(places, means, xerr=err, color="tab:blue", alpha=0.6, capsize=3)
-        # each seed's score: a seed learns a task or it does not, which the mean hides
+        # each seed's score
         for place, e in zip(places, rows):
-            seeds = [100 * r[key] for r in result["runs"] if r["row"] == e["row"] and key in r]
+            seeds = [100 * x for x in seed_scores(result, e["row"], key)]
             ax.plot(seeds, [place] * len(seeds), "k.", ms=5, label="a seed" if place == places[0] else None)
         ax.axvline(100 * result["chance"][task], color="grey", ls="--", label="chance")
         ax.set_xlim(0, 100)

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablation_design, abl
 
 import ablation_report as report
 from ablation_design import COMPARISONS, LVMAE, MAE_RECIPE, RANDOM_INIT, ROWS, schedule, train_config
-from doc_table import write_between
+from doc_table import short_commit, write_between
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -275,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = prepare_tokens(root, data, pre, args.tokenizer_steps)
     schedules, run_names, matched = plans(rows, args.steps)
     # the code that ran: recorded once, at the start (a bench may run across sittings and commits)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    commit = short_commit()
     extra: dict[str, Any] = {
         "name": name, "started": started, "tokenizer_seconds": round(time.perf_counter() - t0, 1),
-        "complete": False, "test_clips": {}, "rows": {}, "commit": commit.stdout.strip(),
+        "complete": False, "test_clips": {}, "rows": {}, "commit": commit,
     }  # fmt: skip
     for row in rows:
         batch, steps = schedules[row]

@@ -1,9 +1,19 @@
 """Tables the benches write into the docs: the text between a pair of markers, replaced by a table made
-from a results file (so no figure in the docs is typed by hand)."""
+from a results file (so no figure in the docs is typed by hand); and the commit a results file records.
+"""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def short_commit() -> str:
+    """The repository's HEAD as `git rev-parse --short` prints it ('' outside a git checkout)."""
+    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return run.stdout.strip()
 
 
 def write_between(doc: Path, markers: tuple[str, str], table: str) -> None:

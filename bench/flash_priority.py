@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # doc_table: beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # doc_table, priority_families: beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from doc_table import write_between
+from doc_table import short_commit, write_between
+from priority_families import learned_scores
 
 from ingest.synth import make_clip
 from lvmae import diagnostics as dg
@@ -70,9 +70,7 @@ def flash_tokens(flash: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
 def measure(directory: str, clips: torch.Tensor, flash: torch.Tensor) -> dict:
     model = load_tokenizer(directory).eval()
     v = model.cfg.video
-    learned = torch.cat(
-        [model.encode(clips[i : i + 4].float() / 255)[1].float() for i in range(0, len(clips), 4)]
-    )
+    learned = learned_scores(model, clips)
     video = clips.float() / 255
     region = flash_tokens(flash, v.tubelet_size, v.patch_size)
     summary = json.loads((Path(directory).parent / "summary.json").read_text())
@@ -136,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     for directory in args.tokenizers:
         rows.append(measure(directory, clips, flash))
         print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    result = {"name": "flash_priority", "commit": commit.stdout.strip(), "clips": args.clips, "rows": rows}
+    commit = short_commit()
+    result = {"name": "flash_priority", "commit": commit, "clips": args.clips, "rows": rows}
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     return 0

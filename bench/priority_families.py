@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tokenizer_priority, 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenizer_priority as tp
-from doc_table import write_between
+from doc_table import short_commit, write_between
 
 from ingest.scenes import SceneSpec
 from lvmae import diagnostics as dg
@@ -91,13 +90,19 @@ def sample_clips(frames: int, size: int, per_video: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def learned_scores(model: Tokenizer, video_u8: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) uint8 clips -> the tokenizer's learned priority of every token, 4 clips at a time."""
+    return torch.cat(
+        [model.encode(video_u8[i : i + 4].float() / 255)[1].float() for i in range(0, len(video_u8), 4)]
+    )
+
+
+@torch.no_grad()
 def score(model: Tokenizer, video_u8: torch.Tensor, region: torch.Tensor | None, threshold: float) -> dict:
     """Lift of each priority source on these clips, and the learned score's rank correlation with the
     frame difference. region None: the tokens whose frame difference reaches `threshold`."""
     v = model.cfg.video
-    learned = torch.cat(
-        [model.encode(video_u8[i : i + 4].float() / 255)[1].float() for i in range(0, len(video_u8), 4)]
-    )
+    learned = learned_scores(model, video_u8)
     video = video_u8.float() / 255
     fd = dg.frame_difference(video, v.tubelet_size, v.patch_size)
     if region is None:
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 if f"{family}/{setting}/seed{seed}" not in result["runs"]:
                     jobs.append((family, setting, seed, over, opts))
     print(f"{len(jobs)} tokenizers to train ({args.steps} steps each, {args.jobs} at a time)", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = short_commit()
     with ProcessPoolExecutor(args.jobs) as pool:
         for entry in pool.map(train_one, jobs):
             key = f"{entry['family']}/{entry['setting']}/seed{entry['seed']}"
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             result["runs"][key] = entry
             result.update(
-                name=name, settings=opts | {"work": None}, commit=commit.stdout.strip(),
+                name=name, settings=opts | {"work": None}, commit=commit,
                 machine=f"{os.cpu_count()} CPUs", real_clips=entry["scores"][REAL]["clips"],
             )  # fmt: skip
             RESULTS.mkdir(exist_ok=True)

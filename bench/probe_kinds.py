@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from doc_table import write_between  # bench/doc_table.py, beside this script
+from doc_table import short_commit, write_between  # bench/doc_table.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -130,10 +129,10 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
     summary = json.loads((demo / "summary.json").read_text()) if (demo / "summary.json").is_file() else {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = short_commit()
     out = {
         "bench": "probe_kinds",
-        "commit": commit.stdout.strip(),
+        "commit": commit,
         "demo": str(demo),
         "clips": {s: len(v[1]) for s, v in split.items()},
         "attentive_probe_test_top1": summary.get("probe"),
